@@ -1,0 +1,9 @@
+"""``python -m lab``: see lab/cli.py."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
