@@ -1,0 +1,895 @@
+"""Source side of one connection: queue -> materialise ops -> send -> acks.
+
+One worker thread per connection owns the socket's send side; a reader thread handles
+ACK and RESPONSE frames. Mirrors run in their own thread and only *enqueue* items
+(after the capture is already running, so nothing changed during the walk is missed).
+
+States follow the seed [L4922-4938, L2962-2984]: transmit Started/Stopped/Paused/Error,
+mirror Idle/Mirroring/nn%/Paused/Waiting/Verifying, replication Replicating/Ready/
+Pending/Stopped, target data state OK/Mirroring/Mirror Required.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+import uuid as uuidlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from dtake.errors import DtakeError, E
+from dtake.ops import Op, OpKind
+from dtake.rules import RuleSet
+from dtake.service.queue import Item, LazyKind, SourceQueue
+
+if TYPE_CHECKING:
+    from dtake.service.daemon import Service
+
+__all__ = ["BLOCK", "ConnRecord", "Connection"]
+
+log = logging.getLogger("dtake.source")
+
+BLOCK = 64 * 1024  # checksum block (DESIGN: 64 KiB, xxh3_64)
+CHUNK = 1024 * 1024  # data per WRITE op
+BATCH_BYTES = 1024 * 1024
+BATCH_OPS = 512
+WINDOW_BYTES = 64 * 1024 * 1024  # unacknowledged bytes in flight
+BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
+SIG_CACHE_MAX_BLOCKS = 4 * 1024 * 1024
+
+MIRROR_MODES = ("full", "differences", "checksum", "newer", "none")
+
+
+@dataclass
+class ConnRecord:
+    """What persists of a connection (state_dir/connections.json)."""
+
+    id: int
+    repset: str
+    host: str
+    port: int
+    target_path: str
+    mirror: str = "differences"
+    orphans: str = "off"  # off | log | delete
+    compression: str = "none"
+    compression_level: int | None = None
+    uuid: str = field(default_factory=lambda: uuidlib.uuid4().hex)
+    target_data_state: str = "Mirror Required"
+    transmit: str = "Started"  # user intent: Started | Stopped | Paused
+    auto_reconnect: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Gap(Exception):
+    """The target cannot continue from where we are: a difference mirror is needed."""
+
+
+class Connection:
+    def __init__(self, svc: Service, rec: ConnRecord, rules: RuleSet) -> None:
+        self.svc = svc
+        self.rec = rec
+        self.rules = rules
+        self.base = rules.base()
+        self.queue = SourceQueue(svc.cfg.queue.memory_max_mb * 1024 * 1024)
+        self.epoch = uuidlib.uuid4().hex
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self._ack_cond = threading.Condition(self._lock)
+        self._fs: Any = None  # FrameSocket while connected
+        self._reader: threading.Thread | None = None
+        self._worker = threading.Thread(target=self._run, name=f"conn-{rec.id}", daemon=True)
+        self._mirror_thread: threading.Thread | None = None
+        self._mirror_cancel = threading.Event()
+        self._mirror_pause = threading.Event()
+        self._codec: Any = None
+        # sequence numbers
+        self.next_seq = 1
+        self.acked_seq = 0
+        self._inflight: deque[tuple[int, Op]] = deque()
+        self._inflight_bytes = 0
+        self._batch: list[Op] = []
+        self._batch_bytes = 0
+        self._resp: dict[int, list[Any]] = {}
+        self._req_id = 0
+        # state
+        self.connected_since: float | None = None
+        self.peer_node: str | None = None
+        self.last_error: str | None = None
+        self.mirror_status = "Idle"
+        self.mirror_total = 0
+        self.mirror_sent = 0
+        self.mirror_mode_running: str | None = None
+        self.mirror_end_seq: int | None = None
+        self.mirror_queued_done = False
+        self.replication = "Replicating"
+        self._needs_resync = False
+        self._sigs: dict[str, tuple[int, list[int]]] = {}
+        self._sig_blocks = 0
+        self._hardlink_warned: set[str] = set()
+        self.stats: dict[str, int] = {
+            "ops_sent": 0,
+            "bytes_sent": 0,
+            "files_sent": 0,
+            "mirror_bytes_sent": 0,
+            "mirror_files_skipped": 0,
+            "mirror_bytes_skipped": 0,
+            "replication_ops": 0,
+            "blocks_skipped": 0,
+            "reconnects": 0,
+            "remirrors": 0,
+            "read_failures": 0,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, *, mirror: str | None) -> None:
+        self._worker.start()
+        if mirror and mirror != "none":
+            self.start_mirror(mirror)
+        elif self.rec.target_data_state != "OK":
+            self.mirror_status = "Idle"
+
+    def stop(self, *, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._mirror_cancel.set()
+        self.queue.notify()
+        self._close_socket()
+        self._worker.join(timeout)
+
+    @property
+    def label(self) -> str:
+        return f"{self.rec.host}:{self.rec.port}"
+
+    # ------------------------------------------------------------------ paths
+    def rel(self, abspath: str) -> str | None:
+        """Source absolute path -> path relative to the replication set's base."""
+        if abspath == self.base:
+            return ""
+        if not abspath.startswith(self.base.rstrip("/") + "/"):
+            return None
+        return abspath[len(self.base.rstrip("/")) + 1 :]
+
+    # ------------------------------------------------------------------ capture side
+    def on_change(self, kind: str, path: str, *, is_dir: bool = False, dest: str | None = None) -> None:
+        """Called by the capture thread for events inside this connection's set."""
+        if self.replication == "Stopped":
+            return
+        ok = True
+        q = self.queue
+        if kind in ("created", "modified", "closed_write"):
+            ok = q.put_lazy(LazyKind.CONTENT, path)
+        elif kind == "mkdir":
+            ok = q.put_lazy(LazyKind.MKDIR, path)
+        elif kind == "attrib":
+            ok = q.put_lazy(LazyKind.ATTRS, path)
+        elif kind == "symlink":
+            ok = q.put_lazy(LazyKind.SYMLINK, path)
+        elif kind == "deleted":
+            r = self.rel(path)
+            if r:
+                ok = q.put_delete(path, Op(OpKind.DELETE, r))
+        elif kind == "moved" and dest is not None:
+            src_in = self.rules.matches(path, is_dir=is_dir)
+            dst_in = self.rules.matches(dest, is_dir=is_dir)
+            rs, rd = self.rel(path), self.rel(dest)
+            if src_in and dst_in and rs and rd:
+                ok = q.put_rename(path, dest, Op(OpKind.RENAME, rs, new_path=rd))
+                if self.mirror_status != "Idle":
+                    # A mirror may already have sent `dest` and the rename would put
+                    # older data over it: re-send what is at `dest` now.
+                    self._enqueue_subtree(dest, "realtime")
+            elif src_in and rs:
+                ok = q.put_delete(path, Op(OpKind.DELETE, rs))
+            elif dst_in:
+                ok = self._enqueue_subtree(dest, "realtime")
+        if not ok:
+            self.gap("queue exhausted", event=51002)
+
+    def _enqueue_subtree(self, top: str, mode: str) -> bool:
+        try:
+            st = os.lstat(top)
+        except OSError:
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            ok = self.queue.put_lazy(LazyKind.MKDIR, top)
+            for entry in self._walk(top):
+                ok = ok and self._enqueue_entry(entry[0], entry[1], mode)
+            return ok
+        return self._enqueue_entry(top, st, mode)
+
+    def _enqueue_entry(self, path: str, st: os.stat_result, mode: str) -> bool:
+        if stat.S_ISDIR(st.st_mode):
+            return self.queue.put_lazy(LazyKind.MKDIR, path)
+        if stat.S_ISLNK(st.st_mode):
+            return self.queue.put_lazy(LazyKind.SYMLINK, path)
+        if stat.S_ISREG(st.st_mode):
+            return self.queue.put_lazy(LazyKind.CONTENT, path, mode=mode)
+        return True
+
+    def _walk(self, top: str) -> Iterator[tuple[str, os.stat_result]]:
+        """Entries below `top` selected by the rules (dirs before their contents)."""
+        stack = [top]
+        seen: set[tuple[int, int]] = set()
+        while stack:
+            d = stack.pop()
+            try:
+                with os.scandir(d) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if is_dir:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue  # mount cycle (seed-engine §3.4)
+                    seen.add((st.st_dev, st.st_ino))
+                    if self.svc.is_internal(e.path):
+                        continue
+                    if self.rules.matches(e.path, is_dir=True):
+                        yield e.path, st
+                    if self.rules.dir_may_contain(e.path):
+                        stack.append(e.path)
+                elif self.rules.matches(e.path):
+                    yield e.path, st
+
+    def gap(self, why: str, *, event: int = 51001) -> None:
+        """A gap in the change stream: Mirror Required, then an automatic difference mirror."""
+        log.warning("connection %d: %s: Mirror Required", self.rec.id, why)
+        self.svc.events.emit(event, con_id=self.rec.id)
+        self.queue.clear()
+        self._sigs.clear()
+        self._sig_blocks = 0
+        self.set_data_state("Mirror Required")
+        self.replication = "Pending"
+        if self.svc.cfg.auto_remirror:
+            self.stats["remirrors"] += 1
+            self.start_mirror("differences", restart=True)
+
+    def set_data_state(self, value: str) -> None:
+        # Written before the data changes (write-ahead): a crash cannot leave a stale "OK".
+        if self.rec.target_data_state != value:
+            self.rec.target_data_state = value
+            self.svc.save_connections()
+
+    # ------------------------------------------------------------------ mirror
+    def start_mirror(self, mode: str, *, restart: bool = False) -> None:
+        if mode not in MIRROR_MODES or mode == "none":
+            raise DtakeError(E.INVALID_OPTION, f"unknown mirror mode {mode!r}")
+        with self._lock:
+            running = self._mirror_thread is not None and self._mirror_thread.is_alive()
+            if running and not restart:
+                raise DtakeError(E.MIRROR_ALREADY_ACTIVE, "Mirror already active")
+            if running:
+                self._mirror_cancel.set()
+        if running and self._mirror_thread is not None:
+            self._mirror_thread.join()
+        with self._lock:
+            self._mirror_cancel = threading.Event()
+            self._mirror_pause.clear()
+            self.mirror_status = "Mirroring"
+            self.mirror_mode_running = mode
+            self.mirror_total = 0
+            self.mirror_sent = 0
+            self.mirror_end_seq = None
+            self.mirror_queued_done = False
+            if self.rec.target_data_state in ("OK", "Mirror Required", "Mirroring"):
+                self.set_data_state("Mirroring")
+            t = threading.Thread(
+                target=self._mirror_run, args=(mode, self._mirror_cancel), name=f"mirror-{self.rec.id}", daemon=True
+            )
+            self._mirror_thread = t
+        self.svc.events.emit(89, con_id=self.rec.id)
+        self.svc.events.emit(4019, target=self.label, repset=self.rec.repset, con_id=self.rec.id)
+        t.start()
+
+    def stop_mirror(self) -> None:
+        with self._lock:
+            if self.mirror_status == "Idle":
+                raise DtakeError(E.MIRROR_NOT_RUNNING, "Mirror is not running")
+            self._mirror_cancel.set()
+            self._mirror_pause.clear()
+            self.mirror_status = "Idle"
+            self.mirror_end_seq = None
+        if self.rec.target_data_state == "Mirroring":
+            self.set_data_state("Mirror Required")
+        self.svc.events.emit(90, con_id=self.rec.id)
+        self.svc.events.emit(4022, target=self.label, repset=self.rec.repset, con_id=self.rec.id)
+
+    def pause_mirror(self) -> None:
+        if self.mirror_status == "Idle":
+            raise DtakeError(E.MIRROR_NOT_RUNNING, "Mirror is not running")
+        self._mirror_pause.set()
+        self.mirror_status = "Paused"
+        self.svc.events.emit(91, con_id=self.rec.id)
+
+    def resume_mirror(self) -> None:
+        if not self._mirror_pause.is_set():
+            raise DtakeError(E.MIRROR_NOT_PAUSED, "Mirror is not paused")
+        self._mirror_pause.clear()
+        self.mirror_status = "Mirroring"
+        self.svc.events.emit(92, con_id=self.rec.id)
+
+    def _mirror_run(self, mode: str, cancel: threading.Event) -> None:
+        try:
+            while not cancel.is_set() and not self._stop.is_set():
+                try:
+                    self._mirror_walk(mode, cancel)
+                    return
+                except _Gap:
+                    # Connection lost during the walk: walk again once reconnected
+                    # (queued items are deduplicated; nothing is sent twice needlessly).
+                    if self.queue.overflowed:
+                        return
+                    self._stop.wait(0.2)
+        except Exception as exc:  # a failed mirror is visible, never silent
+            log.exception("connection %d: mirror failed", self.rec.id)
+            self.last_error = f"mirror failed: {exc}"
+            if not cancel.is_set():
+                self.mirror_status = "Idle"
+                self.set_data_state("Mirror Required")
+
+    def _wait_connected(self, cancel: threading.Event) -> bool:
+        while not cancel.is_set() and not self._stop.is_set():
+            if self._fs is not None:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _mirror_walk(self, mode: str, cancel: threading.Event) -> None:
+        target: dict[str, tuple[str, int, int]] = {}
+        if mode in ("differences", "newer", "checksum") or self.rec.orphans != "off":
+            if not self._wait_connected(cancel):
+                return
+            for ent in self.request_scan():
+                target[ent["path"]] = (ent["kind"], ent["size"], ent["mtime_ns"])
+        seen: set[str] = set()
+        total = 0
+        if not cancel.is_set():
+            self.queue.put_lazy(LazyKind.MKDIR, self.base, mode="full")
+        for path, st in self._walk(self.base):
+            while self._mirror_pause.is_set() and not cancel.is_set():
+                time.sleep(0.05)
+            if cancel.is_set() or self._stop.is_set():
+                return
+            r = self.rel(path)
+            if r is None:
+                continue
+            seen.add(r)
+            t = target.get(r)
+            kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "f"
+            if mode == "full" or t is None or t[0] != kind:
+                send = True
+            elif kind == "f" and mode == "differences":
+                send = t[1] != st.st_size or t[2] != st.st_mtime_ns
+            elif kind == "f" and mode == "newer":
+                send = st.st_mtime_ns > t[2]
+            elif kind == "f" and mode == "checksum":
+                send = True  # decided per block when sent
+            else:
+                send = kind == "d" and t[2] != st.st_mtime_ns
+            if kind == "f" and st.st_nlink > 1:
+                self._warn_hardlink(path)
+                continue
+            if not send:
+                self.stats["mirror_files_skipped"] += 1
+                self.stats["mirror_bytes_skipped"] += st.st_size
+                continue
+            total += st.st_size if kind == "f" else 0
+            self.mirror_total = total
+            ok = self.queue.put_lazy(
+                {"f": LazyKind.CONTENT, "d": LazyKind.MKDIR, "l": LazyKind.SYMLINK}[kind],
+                path,
+                mode=mode if kind == "f" else "full",
+            )
+            if not ok:
+                raise _Gap()
+        if self.rec.orphans != "off":
+            orphans = sorted((p for p in target if p not in seen), key=len)
+            removed: list[str] = []
+            for p in orphans:
+                if any(p.startswith(x + "/") for x in removed):
+                    continue
+                if not self.rules.matches(os.path.join(self.base, p), is_dir=target[p][0] == "d"):
+                    continue
+                if self.rec.orphans == "delete":
+                    self.queue.put_op(Op(OpKind.DELETE, p))
+                    removed.append(p)
+                log.info("connection %d: orphan %s (%s)", self.rec.id, p, self.rec.orphans)
+        if not cancel.is_set():
+            self.mirror_queued_done = True
+            self.queue.put_marker(LazyKind.MIRROR_END, mode=mode)
+
+    def _warn_hardlink(self, path: str) -> None:
+        if path not in self._hardlink_warned:
+            self._hardlink_warned.add(path)
+            self.svc.events.emit(4099, path=path)
+
+    # ------------------------------------------------------------------ requests
+    def _request(self, op: str, **args: Any) -> list[Any]:
+        """Send a request frame and collect its response chunks (answered in stream order)."""
+        from dtake.protocol.framing import MsgType
+
+        fs = self._fs
+        if fs is None:
+            raise _Gap()
+        with self._lock:
+            self._req_id += 1
+            rid = self._req_id
+            self._resp[rid] = []
+        self._flush_batch()
+        fs.send_obj(MsgType.REQUEST, {"id": rid, "op": op, **args})
+        deadline = time.monotonic() + 300
+        with self._ack_cond:
+            while True:
+                chunks = self._resp.get(rid)
+                if chunks and chunks[-1].get("more") is False:
+                    del self._resp[rid]
+                    break
+                if self._fs is not fs or self._stop.is_set():
+                    self._resp.pop(rid, None)
+                    raise _Gap()
+                if time.monotonic() > deadline:
+                    raise DtakeError(E.SERVER_NOT_RESPONDING, "Server is not responding")
+                self._ack_cond.wait(0.5)
+        for c in chunks:
+            if c.get("error"):
+                raise DtakeError(int(c.get("code", E.UNKNOWN)), str(c["error"]))
+        return chunks
+
+    def request_scan(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for chunk in self._request("scan", rel=""):
+            out.extend(chunk.get("entries", []))
+        return out
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.rec.transmit == "Stopped":
+                    self._close_socket()
+                    time.sleep(0.1)
+                    continue
+                if self._fs is None:
+                    if not self._connect():
+                        self._stop.wait(self.svc.cfg.reconnect_interval_s)
+                    continue
+                if self.rec.transmit == "Paused":
+                    self._flush_batch()
+                    time.sleep(0.1)
+                    continue
+                item = self.queue.get(timeout=0 if self._batch else 0.2)
+                if item is None:
+                    self._flush_batch()
+                    continue
+                try:
+                    self._process(item)
+                except _Gap:
+                    # Lost the socket in the middle of an item: what was sent is resent
+                    # from the in-flight window, the rest of the item is not; resync.
+                    self._needs_resync = True
+                    raise
+            except _Gap:
+                continue
+            except (OSError, EOFError) as exc:
+                self._lost(str(exc))
+            except Exception as exc:
+                from dtake.protocol.errors import ProtocolError
+
+                if isinstance(exc, ProtocolError):
+                    self._lost(str(exc))
+                    continue
+                log.exception("connection %d: worker error", self.rec.id)
+                self.last_error = str(exc)
+                self._lost(str(exc))
+
+    def _connect(self) -> bool:
+        from dtake.protocol.auth import client_handshake
+        from dtake.protocol.compress import get_codec
+        from dtake.protocol.framing import FrameSocket, MsgType
+
+        if self.last_error is None:
+            self.svc.events.emit(71, target=self.label)
+        try:
+            sock = socket.create_connection((self.rec.host, self.rec.port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            fs = FrameSocket(sock)
+            peer = client_handshake(fs, self.svc.key, node_id=self.svc.node_id, info={"conn": self.rec.uuid})
+            self.peer_node = peer.node_id
+            sock.settimeout(None)
+            fs.send_obj(
+                MsgType.REQUEST,
+                {
+                    "id": 0,
+                    "op": "open",
+                    "uuid": self.rec.uuid,
+                    "epoch": self.epoch,
+                    "conn_id": self.rec.id,
+                    "repset": self.rec.repset,
+                    "target_path": self.rec.target_path,
+                    "source_node": self.svc.node_id,
+                    "source_base": self.base,
+                },
+            )
+            mtype, resp = fs.recv_obj(timeout=30)
+            if mtype != MsgType.RESPONSE or resp.get("error"):
+                raise DtakeError(int(resp.get("code", E.CONNECTION_FAILED)), str(resp.get("error", "open refused")))
+        except DtakeError as exc:
+            self._set_error(str(exc))
+            return False
+        except Exception as exc:
+            self._set_error(f"Connection failed: {exc}")
+            return False
+        target_last = int(resp.get("last_seq", 0))
+        self._codec = get_codec(self.rec.compression, self.rec.compression_level)
+        with self._lock:
+            gap = False
+            if target_last < self.acked_seq:
+                gap = True  # the target lost applied ops (restart): resync
+            resend = [(s, op) for s, op in self._inflight if s > target_last]
+            if self._inflight and target_last < self._inflight[0][0] - 1:
+                gap = True
+            self._fs = fs
+            self.connected_since = time.time()
+            self.last_error = None
+            self.acked_seq = max(self.acked_seq, target_last)
+            if gap:
+                self._inflight.clear()
+                self._inflight_bytes = 0
+                self.next_seq = max(self.next_seq, target_last + 1)
+        self._reader = threading.Thread(target=self._read_loop, args=(fs,), name=f"acks-{self.rec.id}", daemon=True)
+        self._reader.start()
+        self.svc.events.emit(73, target=self.label)
+        self.svc.events.emit(4016, target=self.label, repset=self.rec.repset, con_id=self.rec.id)
+        if resend and not gap:
+            for i in range(0, len(resend), BATCH_OPS):
+                fs.send_obj(MsgType.OPS, [op.to_wire() for _, op in resend[i : i + BATCH_OPS]], compress=self._codec)
+        if gap or self._needs_resync:
+            self._needs_resync = False
+            self.gap("target lost its position after a restart" if gap else "connection lost mid-transfer")
+        return True
+
+    def _set_error(self, msg: str) -> None:
+        if self.last_error != msg:  # log a failure once, not at every retry
+            self.svc.events.emit(76, target=self.label)
+            log.warning("connection %d: %s", self.rec.id, msg)
+        self.last_error = msg
+
+    def _lost(self, why: str) -> None:
+        if self._fs is not None:
+            self.svc.events.emit(77, target=self.label)
+            self.stats["reconnects"] += 1
+        self.last_error = f"Connection lost: {why}"
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        with self._ack_cond:
+            fs, self._fs = self._fs, None
+            self.connected_since = None
+            self._batch.clear()
+            self._batch_bytes = 0
+            self._ack_cond.notify_all()
+        if fs is not None:
+            try:
+                fs.close()
+            except OSError:
+                pass
+
+    def _read_loop(self, fs: Any) -> None:
+        from dtake.protocol.framing import MsgType
+
+        try:
+            while True:
+                mtype, obj = fs.recv_obj(timeout=None)
+                if mtype == MsgType.ACK:
+                    self._on_ack(int(obj["seq"]), obj.get("failed") or [])
+                elif mtype == MsgType.RESPONSE:
+                    with self._ack_cond:
+                        if obj.get("id") in self._resp:
+                            self._resp[obj["id"]].append(obj)
+                        self._ack_cond.notify_all()
+                elif mtype == MsgType.PING:
+                    fs.send_obj(MsgType.PONG, {})
+                elif mtype == MsgType.ERROR:
+                    raise EOFError(str(obj))
+        except Exception as exc:
+            if self._fs is fs:
+                self._lost(str(exc))
+
+    def _on_ack(self, seq: int, failed: list[dict[str, Any]]) -> None:
+        with self._ack_cond:
+            if seq > self.acked_seq:
+                self.acked_seq = seq
+            while self._inflight and self._inflight[0][0] <= seq:
+                _, op = self._inflight.popleft()
+                self._inflight_bytes -= op.wire_size()
+                if op.kind == OpKind.BARRIER and op.tags.get("mirror_end") and self.mirror_end_seq == op.seq:
+                    self._mirror_done()
+            self._ack_cond.notify_all()
+        for f in failed:
+            self.svc.events.emit(4150, path=str(f.get("path")), error=str(f.get("error")))
+            self.set_data_state("Mirror Required")
+
+    def _mirror_done(self) -> None:
+        self.mirror_status = "Idle"
+        self.mirror_end_seq = None
+        self.mirror_mode_running = None
+        if self.rec.target_data_state in ("Mirroring", "Mirror Required"):
+            self.set_data_state("OK")
+        if self.replication == "Pending":
+            self.replication = "Replicating"
+        self.svc.events.emit(93, con_id=self.rec.id)
+        self.svc.events.emit(4023, target=self.label, repset=self.rec.repset, con_id=self.rec.id)
+
+    # ------------------------------------------------------------------ materialise
+    def _process(self, item: Item) -> None:
+        if item.op is not None:
+            self._emit(item.op)
+            return
+        path = item.path
+        if item.lazy == LazyKind.MIRROR_END:
+            op = Op(OpKind.BARRIER, "", tags={"mirror_end": True})
+            self._emit(op)
+            with self._lock:
+                self.mirror_end_seq = op.seq
+                if self.mirror_status not in ("Idle",):
+                    self.mirror_status = "Waiting"
+            self._flush_batch()
+            return
+        r = self.rel(path)
+        if r is None:
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return  # a later DELETE/RENAME in the queue tells the target
+        except OSError:
+            self.stats["read_failures"] += 1
+            return
+        if item.lazy == LazyKind.MKDIR:
+            if stat.S_ISDIR(st.st_mode):
+                self._emit(Op(OpKind.MKDIR, r, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+            return
+        if item.lazy == LazyKind.SYMLINK or stat.S_ISLNK(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    link = os.readlink(path)
+                except OSError:
+                    return
+                self._emit(Op(OpKind.SYMLINK, r, link=link, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+            return
+        if item.lazy == LazyKind.ATTRS:
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                return
+            self._emit(Op(OpKind.ATTRS, r, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+            return
+        if item.lazy == LazyKind.CONTENT:
+            if stat.S_ISDIR(st.st_mode):
+                self._emit(Op(OpKind.MKDIR, r, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+                return
+            if not stat.S_ISREG(st.st_mode):
+                return
+            if st.st_nlink > 1:
+                self._warn_hardlink(path)
+                return
+            self._send_file(path, r, item.mode)
+
+    def _send_file(self, path: str, r: str, mode: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ELOOP):
+                self.stats["read_failures"] += 1
+            return
+        try:
+            st = os.fstat(fd)
+            mirror = mode != "realtime"
+            if not mirror:
+                self.stats["replication_ops"] += 1
+            blockwise = False
+            old: list[int] | None = None
+            if mode == "checksum" or (mode == "realtime" and st.st_size >= BIG_FILE):
+                sig = self._sigs.get(path)
+                if sig is not None and mode == "realtime":
+                    old = sig[1]
+                else:
+                    chunks = self._request("hashes", path=r, block_size=BLOCK)
+                    old = list(chunks[-1].get("hashes") or []) if chunks and chunks[-1].get("exists") else None
+                blockwise = old is not None
+            if blockwise and old is not None:
+                self._send_blocks(fd, st, r, old, path, mirror)
+            else:
+                self._send_whole(fd, st, r, path, mirror)
+            self.stats["files_sent"] += 1
+        finally:
+            os.close(fd)
+
+    def _remember_sig(self, path: str, size: int, hashes: list[int] | None) -> None:
+        old = self._sigs.pop(path, None)
+        if old is not None:
+            self._sig_blocks -= len(old[1])
+        if hashes is not None and self._sig_blocks + len(hashes) <= SIG_CACHE_MAX_BLOCKS:
+            self._sigs[path] = (size, hashes)
+            self._sig_blocks += len(hashes)
+
+    def _data_extents(self, fd: int, size: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) of data regions; holes are skipped so sparse files stay sparse."""
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return
+                yield pos, size - pos
+                return
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            end = min(end, size)
+            if end > start:
+                yield start, end - start
+            pos = end
+
+    def _send_whole(self, fd: int, st: os.stat_result, r: str, path: str, mirror: bool) -> None:
+        size = st.st_size
+        track = size >= BIG_FILE
+        hashes: list[int] | None = [] if track else None
+        self._emit(Op(OpKind.FILE_BEGIN, r))
+        hpos = 0
+        for off, length in self._data_extents(fd, size):
+            end = off + length
+            while off < end:
+                n = min(CHUNK, end - off)
+                data = os.pread(fd, n, off)
+                if not data:
+                    break
+                self._emit(Op(OpKind.WRITE, r, offset=off, data=data))
+                if mirror:
+                    self.mirror_sent += len(data)
+                    self.stats["mirror_bytes_sent"] += len(data)
+                off += len(data)
+        if hashes is not None:
+            # Signature for later block-wise real-time sends (read from the page cache).
+            while hpos < size:
+                hashes.append(xxhash.xxh3_64_intdigest(os.pread(fd, BLOCK, hpos)))
+                hpos += BLOCK
+        st2 = os.fstat(fd)
+        self._emit(
+            Op(OpKind.FILE_END, r, size=st2.st_size, mode=stat.S_IMODE(st2.st_mode), uid=st2.st_uid, gid=st2.st_gid, mtime_ns=st2.st_mtime_ns)
+        )
+        self._remember_sig(path, st2.st_size, hashes if st2.st_size == size else None)
+
+    def _send_blocks(self, fd: int, st: os.stat_result, r: str, old: list[int], path: str, mirror: bool) -> None:
+        size = st.st_size
+        hashes: list[int] = []
+        pos = 0
+        i = 0
+        while pos < size:
+            data = os.pread(fd, BLOCK, pos)
+            if not data:
+                break
+            h = xxhash.xxh3_64_intdigest(data)
+            hashes.append(h)
+            if i < len(old) and old[i] == h and len(data) == BLOCK:
+                self.stats["blocks_skipped"] += 1
+            else:
+                self._emit(Op(OpKind.WRITE, r, offset=pos, data=data))
+                if mirror:
+                    self.mirror_sent += len(data)
+            pos += len(data)
+            i += 1
+        st2 = os.fstat(fd)
+        self._emit(
+            Op(OpKind.SETSIZE, r, size=pos, mode=stat.S_IMODE(st2.st_mode), uid=st2.st_uid, gid=st2.st_gid, mtime_ns=st2.st_mtime_ns)
+        )
+        self._remember_sig(path, pos, hashes)
+
+    # ------------------------------------------------------------------ sending
+    def _emit(self, op: Op) -> None:
+        with self._ack_cond:
+            while self._inflight_bytes > WINDOW_BYTES and self._fs is not None and not self._stop.is_set():
+                self._ack_cond.wait(0.5)
+            if self._fs is None:
+                raise _Gap()
+            op.seq = self.next_seq
+            self.next_seq += 1
+            self._inflight.append((op.seq, op))
+            self._inflight_bytes += op.wire_size()
+            self._batch.append(op)
+            self._batch_bytes += op.wire_size()
+        self.stats["ops_sent"] += 1
+        self.stats["bytes_sent"] += len(op.data)
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_OPS:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        from dtake.protocol.framing import MsgType
+
+        with self._lock:
+            batch, self._batch = self._batch, []
+            self._batch_bytes = 0
+            fs = self._fs
+        if batch and fs is not None:
+            fs.send_obj(MsgType.OPS, [op.to_wire() for op in batch], compress=self._codec)
+
+    # ------------------------------------------------------------------ status
+    def idle(self) -> bool:
+        with self._lock:
+            return (
+                self._fs is not None
+                and self.mirror_status == "Idle"
+                and len(self.queue) == 0
+                and not self._inflight
+                and not self._batch
+                and self.rec.target_data_state == "OK"
+            )
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        stable = 0
+        while time.monotonic() < deadline:
+            if self.idle():
+                stable += 1
+                if stable >= 3:  # idle across a few capture read cycles
+                    return True
+            else:
+                stable = 0
+            time.sleep(0.05)
+        return False
+
+    def transmit_state(self) -> str:
+        if self.rec.transmit in ("Stopped", "Paused"):
+            return self.rec.transmit
+        if self._fs is None:
+            return "Error" if self.last_error else "Stopped"
+        return "Started"
+
+    def status(self) -> dict[str, Any]:
+        mirror = self.mirror_status
+        if mirror == "Mirroring" and self.mirror_queued_done and self.mirror_total:
+            mirror = f"{min(99, int(100 * self.mirror_sent / max(1, self.mirror_total)))}%"
+        queued = len(self.queue)
+        if self.replication == "Stopped":
+            repl = "Stopped"
+        elif self.replication == "Pending":
+            repl = "Pending"
+        elif queued or self._inflight:
+            repl = "Replicating"
+        else:
+            repl = "Ready"
+        return {
+            "id": self.rec.id,
+            "uuid": self.rec.uuid,
+            "repset": self.rec.repset,
+            "target": self.label,
+            "target_path": self.rec.target_path,
+            "state": self.transmit_state(),
+            "mirror_status": mirror,
+            "mirror_mode": self.mirror_mode_running,
+            "replication_status": repl,
+            "target_data_state": self.rec.target_data_state,
+            "connected_since": self.connected_since,
+            "queued_items": queued,
+            "queued_bytes": self.queue.bytes,
+            "unacked_ops": len(self._inflight),
+            "next_seq": self.next_seq,
+            "acked_seq": self.acked_seq,
+            "last_error": self.last_error,
+            "orphans": self.rec.orphans,
+            "compression": self.rec.compression,
+            "stats": dict(self.stats),
+        }
+

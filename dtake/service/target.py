@@ -1,0 +1,300 @@
+"""Target side: accept authenticated peers, apply their ops in order, acknowledge.
+
+Per connection (by its persistent UUID) the target keeps the last applied sequence
+number and the open whole-file transfers, so a source that reconnects after a network
+blip resumes exactly where it was; after a target restart the position is reloaded
+from disk (written before each acknowledgement) and the source resyncs if it is behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dtake.errors import E
+from dtake.ops import Op, OpKind
+
+if TYPE_CHECKING:
+    from dtake.service.apply import TargetTree
+    from dtake.service.daemon import Service
+
+__all__ = ["TargetServer", "TargetState"]
+
+log = logging.getLogger("dtake.target")
+
+SCAN_CHUNK = 2000
+
+
+@dataclass
+class TargetState:
+    uuid: str
+    target_path: str
+    source_node: str
+    repset: str
+    conn_id: int
+    epoch: str = ""
+    last_seq: int = 0
+    tree: TargetTree | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    ops_applied: int = 0
+    bytes_applied: int = 0
+    failures: int = 0
+    connected: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "target_path": self.target_path,
+            "source_node": self.source_node,
+            "repset": self.repset,
+            "conn_id": self.conn_id,
+            "epoch": self.epoch,
+            "last_seq": self.last_seq,
+        }
+
+
+class TargetServer:
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+        self.states: dict[str, TargetState] = {}
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._last_save = 0.0
+        for d in svc.store.load("targets.json", []):
+            st = TargetState(
+                uuid=d["uuid"],
+                target_path=d["target_path"],
+                source_node=d.get("source_node", ""),
+                repset=d.get("repset", ""),
+                conn_id=int(d.get("conn_id", 0)),
+                epoch=d.get("epoch", ""),
+                last_seq=int(d.get("last_seq", 0)),
+            )
+            self.states[st.uuid] = st
+
+    # ------------------------------------------------------------------ listener
+    def listen(self) -> None:
+        cfg = self.svc.cfg
+        fam = socket.AF_INET6 if ":" in cfg.bind else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((cfg.bind, cfg.port))
+        except OSError:
+            s.close()
+            self.svc.events.emit(4046, port=cfg.port)
+            raise
+        s.listen(64)
+        self._sock = s
+        t = threading.Thread(target=self._accept_loop, name="peer-listener", daemon=True)
+        t.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        self.save()
+        for st in self.states.values():
+            if st.tree is not None:
+                st.tree.close()
+                st.tree = None
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._session, args=(conn, addr), name=f"peer-{addr[0]}", daemon=True)
+            t.start()
+
+    def save(self) -> None:
+        with self._lock:
+            data = [st.to_dict() for st in self.states.values()]
+        self.svc.store.save("targets.json", data)
+
+    # ------------------------------------------------------------------ session
+    def _session(self, conn: socket.socket, addr: Any) -> None:
+        from dtake.protocol.auth import server_handshake
+        from dtake.protocol.errors import ProtocolError
+        from dtake.protocol.framing import FrameSocket
+
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(30)
+        fs = FrameSocket(conn)
+        try:
+            peer = server_handshake(fs, self.svc.key, node_id=self.svc.node_id)
+        except ProtocolError as exc:
+            self.svc.events.emit(51003, peer=str(addr[0]))
+            log.warning("peer %s refused: %s", addr[0], exc)
+            fs.close()
+            return
+        except OSError:
+            fs.close()
+            return
+        conn.settimeout(None)
+        self.svc.events.emit(72, source=str(addr[0]))
+        state: TargetState | None = None
+        try:
+            state = self._serve(fs, peer)
+        except (OSError, EOFError, ProtocolError) as exc:
+            log.info("peer %s session ended: %s", addr[0], exc)
+        except Exception:
+            log.exception("peer %s session failed", addr[0])
+        finally:
+            if state is not None:
+                state.connected = False
+                self.save()
+            fs.close()
+
+    def _serve(self, fs: Any, peer: Any) -> TargetState | None:
+        from dtake.protocol.framing import MsgType
+
+        mtype, req = fs.recv_obj(timeout=60)
+        if mtype != MsgType.REQUEST or req.get("op") != "open":
+            fs.send_obj(MsgType.RESPONSE, {"id": 0, "error": "expected open", "code": E.INVALID_COMMAND})
+            return None
+        state, err = self._open(req)
+        if state is None:
+            fs.send_obj(MsgType.RESPONSE, {"id": 0, "error": err, "code": E.TARGET_PATH_REFUSED})
+            return None
+        fs.send_obj(MsgType.RESPONSE, {"id": 0, "last_seq": state.last_seq, "more": False})
+        tree = state.tree
+        assert tree is not None
+        while True:
+            mtype, obj = fs.recv_obj(timeout=None)
+            if mtype == MsgType.OPS:
+                failed: list[dict[str, Any]] = []
+                with state.lock:
+                    for item in obj:
+                        op = Op.from_wire(item)
+                        if op.seq <= state.last_seq:
+                            continue  # already applied (resent after a reconnect)
+                        try:
+                            tree.apply(op)
+                        except Exception as exc:
+                            # [L4150]: the op is dropped and the target needs a mirror.
+                            state.failures += 1
+                            failed.append({"seq": op.seq, "path": op.path, "error": str(exc)})
+                            log.warning("apply %s %s failed: %s", op.kind.name, op.path, exc)
+                        state.last_seq = op.seq
+                        state.ops_applied += 1
+                        state.bytes_applied += len(op.data)
+                    seq = state.last_seq
+                self._persist_position(state)
+                fs.send_obj(MsgType.ACK, {"seq": seq, "failed": failed})
+            elif mtype == MsgType.REQUEST:
+                self._answer(fs, tree, obj)
+            elif mtype == MsgType.PING:
+                fs.send_obj(MsgType.PONG, {})
+            else:
+                raise EOFError(f"unexpected frame {mtype}")
+
+    def _open(self, req: dict[str, Any]) -> tuple[TargetState | None, str]:
+        from dtake.service.apply import TargetTree
+
+        path = str(req.get("target_path", ""))
+        if not path.startswith("/") or not self.svc.cfg.target_path_allowed(path):
+            return None, f"target path {path!r} is not allowed on {self.svc.node_id}"
+        loop = self.svc.loop_conflict(str(req.get("source_node", "")), path)
+        if loop:
+            return None, loop
+        uuid = str(req["uuid"])
+        with self._lock:
+            st = self.states.get(uuid)
+            if st is None or st.target_path != path:
+                st = TargetState(
+                    uuid=uuid,
+                    target_path=path,
+                    source_node=str(req.get("source_node", "")),
+                    repset=str(req.get("repset", "")),
+                    conn_id=int(req.get("conn_id", 0)),
+                )
+                self.states[uuid] = st
+            if st.epoch != req.get("epoch"):
+                # A new source process: its sequence numbers start again at 1.
+                st.epoch = str(req.get("epoch"))
+                st.last_seq = 0
+                if st.tree is not None:
+                    st.tree.close()
+                    st.tree = None
+            if st.tree is None:
+                st.tree = TargetTree(path)
+                st.tree.cleanup_temp()
+            st.connected = True
+        self.save()
+        return st, ""
+
+    def _persist_position(self, state: TargetState) -> None:
+        # Persisted lazily (at most twice a second, and when the session ends). After a
+        # target crash the reloaded position may be behind what was acknowledged; the
+        # source then sees target_last < acked and runs a difference mirror instead of
+        # trusting a position that could be wrong.
+        now = time.monotonic()
+        if now - self._last_save > 0.5:
+            self._last_save = now
+            self.save()
+
+    def _answer(self, fs: Any, tree: TargetTree, req: dict[str, Any]) -> None:
+        from dtake.protocol.framing import MsgType
+
+        rid = req.get("id")
+        op = req.get("op")
+        try:
+            if op == "scan":
+                batch: list[dict[str, Any]] = []
+                for e in tree.scan(str(req.get("rel", ""))):
+                    batch.append(
+                        {"path": e.path, "kind": e.kind, "size": e.size, "mtime_ns": e.mtime_ns, "mode": e.mode, "uid": e.uid, "gid": e.gid, "link": e.link}
+                    )
+                    if len(batch) >= SCAN_CHUNK:
+                        fs.send_obj(MsgType.RESPONSE, {"id": rid, "entries": batch, "more": True})
+                        batch = []
+                fs.send_obj(MsgType.RESPONSE, {"id": rid, "entries": batch, "more": False})
+            elif op == "hashes":
+                try:
+                    hashes = tree.block_hashes(str(req["path"]), int(req.get("block_size", 65536)))
+                    fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": True, "hashes": hashes, "more": False})
+                except FileNotFoundError:
+                    fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": False, "more": False})
+            elif op == "digest":
+                try:
+                    d = tree.file_digest(str(req["path"]))
+                    fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": True, "digest": d, "more": False})
+                except FileNotFoundError:
+                    fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": False, "more": False})
+            else:
+                fs.send_obj(MsgType.RESPONSE, {"id": rid, "error": f"unknown request {op!r}", "code": E.INVALID_COMMAND, "more": False})
+        except OSError as exc:
+            fs.send_obj(MsgType.RESPONSE, {"id": rid, "error": str(exc), "code": E.UNKNOWN, "more": False})
+
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    **st.to_dict(),
+                    "connected": st.connected,
+                    "ops_applied": st.ops_applied,
+                    "bytes_applied": st.bytes_applied,
+                    "failures": st.failures,
+                }
+                for st in self.states.values()
+            ]
+
+    def forget(self, uuid: str) -> None:
+        with self._lock:
+            st = self.states.pop(uuid, None)
+        if st is not None and st.tree is not None:
+            st.tree.close()
+        self.save()
