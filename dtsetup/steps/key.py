@@ -1,0 +1,58 @@
+"""The cluster auth key: 32 random bytes as 64 lowercase hex characters and a newline,
+mode 0600, generated once (never rotated by a rerun) or provided by the operator."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+from dtsetup import paths
+from dtsetup.reports import Code
+from dtsetup.steps.base import Change, Context, ManagedFile, StepError, file_changes, write_files
+from dtsetup.txn import Transaction, read_bytes
+
+__all__ = ["AuthKeyStep", "valid_key"]
+
+_KEY = re.compile(rb"^[0-9a-f]{64}\n$")
+
+
+def valid_key(data: bytes | None) -> bool:
+    return data is not None and _KEY.match(data) is not None
+
+
+class AuthKeyStep:
+    name = "authkey"
+
+    def __init__(self, *, provided: Path | None = None) -> None:
+        self.provided = provided
+        self._content: bytes | None = None
+
+    def _file(self, ctx: Context) -> ManagedFile:
+        if self._content is None:
+            if self.provided is not None:
+                data = read_bytes(self.provided)
+                if data is not None and _KEY.match(data + b"\n"):
+                    data += b"\n"
+                if not valid_key(data):
+                    raise StepError(
+                        Code.BAD_AUTH_KEY,
+                        f"{self.provided}: expected 64 lowercase hex characters and a newline",
+                    )
+                self._content = data
+            else:
+                live = read_bytes(ctx.host(paths.AUTH_KEY))
+                # Keep a valid key: every node of a cluster must hold the same one.
+                self._content = live if valid_key(live) else (secrets.token_hex(32) + "\n").encode()
+        assert self._content is not None
+        return ManagedFile(paths.AUTH_KEY, self._content, 0o600, secret=True)
+
+    def plan(self, ctx: Context) -> Change:
+        return file_changes(ctx, [self._file(ctx)])
+
+    def apply(self, ctx: Context, txn: Transaction) -> None:
+        write_files(ctx, txn, [self._file(ctx)])
+
+    def installed(self, ctx: Context) -> dict[str, Any]:
+        return {"files": [paths.AUTH_KEY]}
