@@ -101,12 +101,18 @@ class EventKind(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class FsEvent:
     """One change. ``path`` is absolute (for MOVED the old path, ``dest`` the new one);
-    for OVERFLOW it is the directory whose changes may be lost, or "" for all roots."""
+    for OVERFLOW it is the directory whose changes may be lost, or "" for all roots.
+
+    ``synthetic`` marks CREATED/MKDIR found by listing a new directory rather than
+    reported by the kernel: the entry may already hold data (its MODIFY/CLOSE_WRITE
+    happened before the watch existed), so the consumer sends its current content.
+    """
 
     kind: EventKind
     path: str
     is_dir: bool = False
     dest: str | None = None
+    synthetic: bool = False
 
 
 def _join(parent: str, name: str) -> str:
@@ -319,9 +325,8 @@ class InotifyCapture:
                         is_dir = False
                     p = _join(d, entry.name)
                     if synthetic:
-                        out.append(
-                            FsEvent(EventKind.MKDIR if is_dir else EventKind.CREATED, p, is_dir)
-                        )
+                        kind = EventKind.MKDIR if is_dir else EventKind.CREATED
+                        out.append(FsEvent(kind, p, is_dir, synthetic=True))
                     if is_dir:
                         subdirs.append(p)
             for p in reversed(subdirs):
