@@ -258,7 +258,8 @@ def test_prune_keeps_subtree_unwatched(tmp_path: Path) -> None:
         (r / "b" / "skip").mkdir(parents=True)
         write(r / "b" / "skip" / "y")
         events = settle(cap, r)
-        assert FsEvent(K.MKDIR, str(r / "b" / "skip"), True) in events
+        # Reported by the kernel or by the rescan of b, depending on the race.
+        assert (K.MKDIR, str(r / "b" / "skip")) in [(e.kind, e.path) for e in events]
         assert not [e for e in events if "/skip/" in e.path]
 
 
