@@ -131,8 +131,14 @@ def _silent(argv: Sequence[str], err: TextIO) -> int:
     if problem is not None or path is None:
         _print_reports([problem] if problem else [], err)
         return EXIT_FAILED
-    # /qn: no user interface; only errors are shown.
-    result = actions.apply(path, actions.ApplyOptions())
+    # /qn: no user interface; only errors are shown. The silent form takes no other
+    # options (the seed forbids other words), so DTSETUP_ROOT / DTSETUP_HOST from the
+    # environment stand in for --root / --host (image builds, tests).
+    opts = actions.ApplyOptions(
+        root=Path(os.environ.get("DTSETUP_ROOT") or "/"),
+        host=os.environ.get("DTSETUP_HOST") or None,
+    )
+    result = actions.apply(path, opts)
     _print_reports([r for r in result.reports if r.is_error], err)
     for step in result.steps:
         if step.status == "failed":

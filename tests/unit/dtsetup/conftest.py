@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+CODE = "ABCDEFGHJKLMNPQRSTUVWXY3"  # 24 alphanumerics, a made-up activation code
+
+FULL_KEYS = {
+    "DTSETUPTYPE": "DTNT",
+    "DTACTIVATIONCODE": CODE,
+    "DOUBLETAKEFOLDER": '"/opt/dtake"',
+    "QMEMORYBUFFERMAX": "128",
+    "DISKQUEUEFOLDER": '"/var/lib/dtake/queue"',
+    "DISKQUEUEMAXSIZE": "UNLIMITED",
+    "DISKFREESPACEMIN": "50",
+    "DTSERVICESTARTUP": "1",
+    "PORT": "6320",
+    "SET_FWPORT": "Y",
+}
+
+
+@pytest.fixture
+def seed_ini() -> Path:
+    """The seed's sample DTSetup.ini [L566-634], byte for byte (incl. its NBSP lines)."""
+    return DATA / "seed_DTSetup.ini"
+
+
+@pytest.fixture
+def code() -> str:
+    return CODE
+
+
+@pytest.fixture
+def write_file(tmp_path: Path) -> Callable[..., Path]:
+    def write(text: str, name: str = "DTSetup.ini") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def full_ini(write_file: Callable[..., Path]) -> Callable[..., Path]:
+    """A complete valid [Config] section, with keys overridden (None = leave the key out)."""
+
+    def make(section: str = "Config", **override: str | None) -> Path:
+        keys = dict(FULL_KEYS)
+        for key, value in override.items():
+            if value is None:
+                keys.pop(key, None)
+            else:
+                keys[key] = value
+        return write_file(f"[{section}]\n" + "".join(f"{k}={v}\n" for k, v in keys.items()))
+
+    return make
