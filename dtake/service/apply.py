@@ -1,0 +1,712 @@
+"""Target side: apply replication ops confined beneath the connection's target root.
+
+Confinement (DESIGN §2, not negotiable): an op names a relative POSIX path; absolute
+paths, ``..``, ``.``, empty components and NUL are refused. Every parent component is
+opened with ``O_DIRECTORY|O_NOFOLLOW`` relative to its parent's fd, starting from a root
+fd opened once, and the last component is only touched with *at calls on the parent fd
+that never follow a symlink. A symlink in a parent component is a ConfinementError. So a
+peer cannot write, delete, rename, chmod or create anything outside the root, whatever
+links exist below it. Because everything goes through the root fd opened at start, a
+read-only bind mount laid over the root later ("block target paths" [L5001-5011]) blocks
+other programs but not us.
+
+Write semantics [§8.3]: FILE_BEGIN..WRITE..FILE_END writes ``.<name>.dtake-<token>`` in
+the same directory and renames it over the final name, so no reader ever sees a half
+written file; WRITE without a transfer writes in place (block/real-time updates). WRITEs
+cover data extents only, FILE_END/SETSIZE set the length, so holes stay holes. mtime is
+set last so it equals the source's to the nanosecond.
+
+Re-applying is safe for each op on its own (mkdir of an existing dir, delete of a missing
+path, rename whose source is gone, a FILE_BEGIN that restarts a transfer). It is NOT safe
+to replay a sequence across later namespace changes (WRITE a, RENAME a->b replayed would
+recreate a partial ``a``): the receiver must skip ops at or below its last applied
+sequence number, as the seed's target does with its queue position.
+
+Not thread-safe for concurrent writers: one applier thread per TargetTree (a lock guards
+``apply``/``cleanup_temp``/``close``); ``scan``/``block_hashes``/``file_digest`` only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import secrets
+import shutil
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import xxhash
+
+from dtake.ops import Op, OpKind
+
+__all__ = [
+    "TEMP_MARK",
+    "ConfinementError",
+    "Entry",
+    "TargetTree",
+    "block_hashes_fd",
+    "file_digest_fd",
+    "is_temp_name",
+    "split_rel",
+    "temp_name",
+]
+
+TEMP_MARK = ".dtake-"
+_TEMP_RE = re.compile(r"\..*\.dtake-[0-9a-f]{16}", re.DOTALL)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO someone left in the tree must not hang the applier.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_IO_CHUNK = 1024 * 1024
+MAX_BLOCK_SIZE = 64 * 1024 * 1024
+
+
+class ConfinementError(PermissionError):
+    """An op tried to reach outside the target root (or through a symlink)."""
+
+    code = "PATH_ESCAPE"
+
+    def __init__(self, path: object, why: str) -> None:
+        super().__init__(errno.EPERM, f"refusing target path {path!r}: {why}")
+        self.path = path
+        self.why = why
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One scanned name below the root (kind "f" file, "d" directory, "l" symlink)."""
+
+    path: str
+    kind: str
+    size: int
+    mtime_ns: int
+    mode: int  # permission bits only (stat.S_IMODE); the type is ``kind``
+    uid: int
+    gid: int
+    link: str | None = None
+    nlink: int = 1
+
+
+@dataclass(slots=True)
+class _Transfer:
+    fd: int  # the open temp file
+    dir_fd: int  # its directory (the rename happens there)
+    tmp: str
+    name: str
+
+
+def split_rel(path: object, *, allow_root: bool = False) -> tuple[str, ...]:
+    """Validate an op path and split it into components; raises ConfinementError."""
+    if not isinstance(path, str):
+        raise ConfinementError(path, "not a string")
+    if "\0" in path:
+        raise ConfinementError(path, "contains NUL")
+    if path == "":
+        if allow_root:
+            return ()
+        raise ConfinementError(path, "empty path")
+    if path.startswith("/"):
+        raise ConfinementError(path, "absolute path")
+    parts = tuple(path.split("/"))
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ConfinementError(path, f"component {part!r} is not allowed")
+    return parts
+
+
+def is_temp_name(name: str) -> bool:
+    """True for this service's own temp files (skipped by scans, removed after a crash)."""
+    return _TEMP_RE.fullmatch(name) is not None
+
+
+def temp_name(name: str) -> str:
+    # Keep the temp name within NAME_MAX (255 bytes) for long final names.
+    if len(os.fsencode(name)) > 200:
+        name = os.fsdecode(os.fsencode(name)[:100]).rstrip("\udcff")
+    return f".{name}{TEMP_MARK}{secrets.token_hex(8)}"
+
+
+def _read_full(fd: int, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def block_hashes_fd(fd: int, block_size: int) -> list[int]:
+    """xxh3_64 of each ``block_size`` block (the last may be short), read from offset 0.
+
+    The source side must hash with exactly this function (``xxhash.xxh3_64_intdigest`` per
+    block) for checksum mirrors and verification to agree.
+    """
+    if not 0 < block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block size {block_size} out of range")
+    os.lseek(fd, 0, os.SEEK_SET)
+    buf = memoryview(bytearray(block_size))
+    out: list[int] = []
+    while n := _read_full(fd, buf):
+        out.append(xxhash.xxh3_64_intdigest(buf[:n]))
+        if n < block_size:
+            break
+    return out
+
+
+def file_digest_fd(fd: int) -> bytes:
+    """Whole-file xxh3_128 digest (16 bytes), read from offset 0."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    h = xxhash.xxh3_128()
+    buf = memoryview(bytearray(_IO_CHUNK))
+    while n := _read_full(fd, buf):
+        h.update(buf[:n])
+    return h.digest()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _syncfs(fd: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class TargetTree:
+    """The target root of one connection; applies ops beneath it and nowhere else."""
+
+    def __init__(self, root: str) -> None:
+        os.makedirs(root, exist_ok=True)
+        # Opened once: later bind mounts over ``root`` do not affect what we write through.
+        self.root = root
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._transfers: dict[str, _Transfer] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._is_root = os.geteuid() == 0
+        self._handlers: dict[OpKind, Callable[[Op], None]] = {
+            OpKind.MKDIR: self._mkdir,
+            OpKind.FILE_BEGIN: self._file_begin,
+            OpKind.WRITE: self._write,
+            OpKind.FILE_END: self._file_end,
+            OpKind.TRUNCATE: self._setsize,
+            OpKind.SETSIZE: self._setsize,
+            OpKind.RENAME: self._rename,
+            OpKind.DELETE: self._delete,
+            OpKind.ATTRS: self._attrs,
+            OpKind.SYMLINK: self._symlink,
+            OpKind.BARRIER: lambda op: None,
+        }
+
+    # -- public ----------------------------------------------------------------------------
+
+    def apply(self, op: Op) -> None:
+        """Apply one op; raises ConfinementError, OSError or ValueError on failure."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("target tree is closed")
+            handler = self._handlers.get(op.kind)
+            if handler is None:
+                raise ValueError(f"unknown op kind {op.kind!r}")
+            handler(op)
+
+    def transfers_in_progress(self) -> list[str]:
+        with self._lock:
+            return sorted(self._transfers)
+
+    def scan(self, rel: str = "") -> Iterator[Entry]:
+        """Every file, directory and symlink below ``rel`` (pre-order, names sorted).
+
+        Never follows symlinks, skips our temp files and other file types (FIFOs,
+        sockets, devices are not replicated). A missing or non-directory ``rel`` yields
+        nothing.
+        """
+        parts = split_rel(rel, allow_root=True)
+        try:
+            fd = self._open_dir(parts, create=False)
+        except NotADirectoryError:
+            return
+        if fd is None:
+            return
+        yield from self._scan_fd(fd, "/".join(parts) + "/" if parts else "")
+
+    def block_hashes(self, rel: str, block_size: int) -> list[int]:
+        """Per-block xxh3_64 of a regular file; FileNotFoundError if there is none."""
+        fd = self._open_regular_read(rel)
+        try:
+            return block_hashes_fd(fd, block_size)
+        finally:
+            os.close(fd)
+
+    def file_digest(self, rel: str) -> bytes:
+        """Whole-file xxh3_128 digest of a regular file; FileNotFoundError if there is none."""
+        fd = self._open_regular_read(rel)
+        try:
+            return file_digest_fd(fd)
+        finally:
+            os.close(fd)
+
+    def cleanup_temp(self) -> int:
+        """Remove temp files left by transfers interrupted by a crash; returns how many."""
+        with self._lock:
+            live = {t.tmp for t in self._transfers.values()}
+            return self._cleanup_fd(os.dup(self._root_fd), live)
+
+    def sync(self) -> None:
+        """Flush the target filesystem (syncfs); call before persisting an applied position."""
+        _syncfs(self._root_fd)
+
+    def close(self) -> None:
+        """Abort unfinished transfers (their temp files go) and release the root fd."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for key in list(self._transfers):
+                self._abort(key)
+            os.close(self._root_fd)
+
+    def __enter__(self) -> TargetTree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- confined resolution -----------------------------------------------------------------
+
+    def _child_dir(self, dir_fd: int, name: str, *, create: bool, rel: str) -> int | None:
+        for _ in range(2):
+            try:
+                return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                try:
+                    os.mkdir(name, 0o755, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass  # raced with something: reopen (still O_NOFOLLOW)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = _lstat(name, dir_fd)
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    raise ConfinementError(rel, f"parent component {name!r} is a symlink") from None
+                raise NotADirectoryError(
+                    errno.ENOTDIR, f"{rel}: parent component {name!r} is not a directory"
+                ) from None
+        raise OSError(errno.EAGAIN, f"{rel}: could not open parent component {name!r}")
+
+    def _open_dir(self, parts: tuple[str, ...], *, create: bool) -> int | None:
+        """An owned fd of the directory ``parts`` (walked component by component)."""
+        rel = "/".join(parts)
+        fd = os.dup(self._root_fd)
+        try:
+            for name in parts:
+                child = self._child_dir(fd, name, create=create, rel=rel)
+                os.close(fd)
+                fd = -1
+                if child is None:
+                    return None
+                fd = child
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        return fd
+
+    @contextlib.contextmanager
+    def _parent(self, parts: tuple[str, ...], *, create: bool) -> Iterator[int | None]:
+        fd = self._open_dir(parts[:-1], create=create)
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _open_regular_read(self, rel: str) -> int:
+        parts = split_rel(rel)
+        with self._parent(parts, create=False) as d:
+            if d is None:
+                raise FileNotFoundError(errno.ENOENT, "no such file", rel)
+            try:
+                fd = os.open(parts[-1], _READ_FLAGS, dir_fd=d)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOENT):
+                    raise FileNotFoundError(errno.ENOENT, "no regular file", rel) from None
+                raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", rel)
+        return fd
+
+    # -- transfers ---------------------------------------------------------------------------
+
+    def _abort(self, key: str) -> None:
+        t = self._transfers.pop(key)
+        os.close(t.fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(t.tmp, dir_fd=t.dir_fd)
+        os.close(t.dir_fd)
+
+    def _abort_under(self, key: str) -> None:
+        # A namespace change at or above an unfinished transfer invalidates it; a later
+        # WRITE/FILE_END for that path falls back to in-place semantics and converges.
+        prefix = key + "/"
+        for k in [k for k in self._transfers if k == key or k.startswith(prefix)]:
+            self._abort(k)
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def _chown_ok(self, exc: OSError) -> bool:
+        # Without root, owners cannot be preserved (as rsync): keep the data, skip the owner.
+        return not self._is_root and exc.errno == errno.EPERM
+
+    def _attrs_fd(self, fd: int, op: Op) -> None:
+        if op.uid is not None or op.gid is not None:
+            try:
+                os.fchown(fd, -1 if op.uid is None else op.uid, -1 if op.gid is None else op.gid)
+            except PermissionError as exc:
+                if not self._chown_ok(exc):
+                    raise
+        if op.mode is not None:
+            os.fchmod(fd, op.mode & 0o7777)  # after chown: chown clears set-id bits
+        if op.mtime_ns is not None:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(st.st_atime_ns, op.mtime_ns))  # last: nothing may touch it after
+
+    def _attrs_at(self, dir_fd: int, name: str, op: Op) -> None:
+        st = _lstat(name, dir_fd)
+        if st is None:
+            return
+        if op.uid is not None or op.gid is not None:
+            try:
+                os.chown(
+                    name,
+                    -1 if op.uid is None else op.uid,
+                    -1 if op.gid is None else op.gid,
+                    dir_fd=dir_fd,
+                    follow_symlinks=False,
+                )
+            except PermissionError as exc:
+                if not self._chown_ok(exc):
+                    raise
+        if op.mode is not None and not stat.S_ISLNK(st.st_mode):
+            # fchmodat(AT_SYMLINK_NOFOLLOW) never follows; symlink modes are not settable
+            # on Linux, so links are skipped above.
+            os.chmod(name, op.mode & 0o7777, dir_fd=dir_fd, follow_symlinks=False)
+        if op.mtime_ns is not None:
+            os.utime(name, ns=(st.st_atime_ns, op.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+    # -- helpers for the last component ------------------------------------------------------
+
+    def _remove(self, dir_fd: int, name: str, st: os.stat_result | None = None) -> None:
+        st = st if st is not None else _lstat(name, dir_fd)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            # rmtree with dir_fd walks with fds and never follows symlinks.
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+
+    def _replace(self, src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+        """rename(2), removing a destination of another type (or a non-empty dir) first."""
+        try:
+            os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            self._remove(dst_fd, dst)
+            os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+
+    def _open_inplace(self, parts: tuple[str, ...], rel: str) -> int:
+        """Open (creating if missing) a regular file for in-place writes, never following."""
+        with self._parent(parts, create=True) as d:
+            assert d is not None
+            name = parts[-1]
+            st = _lstat(name, d)
+            if st is not None:
+                if stat.S_ISLNK(st.st_mode):
+                    raise ConfinementError(rel, "final component is a symlink")
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "is a directory", rel)
+                if not stat.S_ISREG(st.st_mode):
+                    os.unlink(name, dir_fd=d)  # a FIFO/socket/device in the way
+                    st = None
+                elif st.st_nlink > 1:
+                    # Writing through a hard link would change the other names too (maybe
+                    # outside the root): give this name its own copy first.
+                    self._break_hardlink(d, name)
+            if st is None:
+                return os.open(name, _CREATE_FLAGS, 0o600, dir_fd=d)
+            fd = os.open(name, _WRITE_FLAGS, dir_fd=d)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file", rel)
+            return fd
+
+    def _break_hardlink(self, dir_fd: int, name: str) -> None:
+        tmp = temp_name(name)
+        src = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+        try:
+            st = os.fstat(src)
+            dst = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+            try:
+                pos = 0
+                while pos < st.st_size:  # data extents only: holes stay holes
+                    try:
+                        start = os.lseek(src, pos, os.SEEK_DATA)
+                    except OSError as exc:
+                        if exc.errno == errno.ENXIO:
+                            break
+                        raise
+                    end = min(os.lseek(src, start, os.SEEK_HOLE), st.st_size)
+                    while start < end:
+                        data = os.pread(src, min(_IO_CHUNK, end - start), start)
+                        if not data:
+                            break
+                        _pwrite_all(dst, data, start)
+                        start += len(data)
+                    pos = end
+                os.ftruncate(dst, st.st_size)
+                copy = Op(OpKind.ATTRS, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
+                self._attrs_fd(dst, copy)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dst)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        finally:
+            os.close(src)
+
+    # -- op handlers -------------------------------------------------------------------------
+
+    def _mkdir(self, op: Op) -> None:
+        parts = split_rel(op.path, allow_root=True)
+        if not parts:
+            self._attrs_fd(self._root_fd, op)  # the root's own attributes
+            return
+        with self._parent(parts, create=True) as d:
+            assert d is not None
+            name = parts[-1]
+            st = _lstat(name, d)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                self._abort_under(op.path)
+                os.unlink(name, dir_fd=d)
+                st = None
+            if st is None:
+                os.mkdir(name, 0o700 if op.mode is None else op.mode & 0o777, dir_fd=d)
+                if op.mode is None:
+                    os.chmod(name, 0o755, dir_fd=d, follow_symlinks=False)
+            self._attrs_at(d, name, op)
+
+    def _file_begin(self, op: Op) -> None:
+        parts = split_rel(op.path)
+        key = "/".join(parts)
+        if key in self._transfers:
+            self._abort(key)  # resent after a reconnect: start over
+        d = self._open_dir(parts[:-1], create=True)
+        assert d is not None
+        try:
+            tmp = temp_name(parts[-1])
+            fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=d)
+        except BaseException:
+            os.close(d)
+            raise
+        self._transfers[key] = _Transfer(fd=fd, dir_fd=d, tmp=tmp, name=parts[-1])
+
+    def _write(self, op: Op) -> None:
+        parts = split_rel(op.path)
+        if op.offset < 0:
+            raise ValueError(f"negative offset {op.offset}")
+        t = self._transfers.get("/".join(parts))
+        if t is not None:
+            _pwrite_all(t.fd, op.data, op.offset)
+            return
+        fd = self._open_inplace(parts, op.path)
+        try:
+            _pwrite_all(fd, op.data, op.offset)
+        finally:
+            os.close(fd)
+
+    def _file_end(self, op: Op) -> None:
+        parts = split_rel(op.path)
+        t = self._transfers.pop("/".join(parts), None)
+        if t is None:
+            # No transfer (the receiver restarted mid-file and the WRITEs went in place):
+            # finish in place, which converges to the same content and attributes.
+            self._setsize(op)
+            return
+        try:
+            try:
+                if op.size is not None:
+                    os.ftruncate(t.fd, op.size)  # extends with a hole, never zeros
+                self._attrs_fd(t.fd, op)
+            finally:
+                os.close(t.fd)
+            # No fsync per file (speed); the receiver syncs before it records a position.
+            self._replace(t.dir_fd, t.tmp, t.dir_fd, t.name)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t.tmp, dir_fd=t.dir_fd)
+            raise
+        finally:
+            os.close(t.dir_fd)
+
+    def _setsize(self, op: Op) -> None:
+        parts = split_rel(op.path)
+        size = 0 if op.size is None else op.size
+        if size < 0:
+            raise ValueError(f"negative size {size}")
+        t = self._transfers.get("/".join(parts))
+        if t is not None:
+            os.ftruncate(t.fd, size)
+            return
+        fd = self._open_inplace(parts, op.path)
+        try:
+            if op.size is not None or op.kind is OpKind.TRUNCATE:
+                os.ftruncate(fd, size)
+            self._attrs_fd(fd, op)
+        finally:
+            os.close(fd)
+
+    def _attrs(self, op: Op) -> None:
+        parts = split_rel(op.path, allow_root=True)
+        if not parts:
+            self._attrs_fd(self._root_fd, op)
+            return
+        with self._parent(parts, create=False) as d:
+            if d is not None:
+                self._attrs_at(d, parts[-1], op)  # a missing path is a no-op (replay)
+
+    def _rename(self, op: Op) -> None:
+        src = split_rel(op.path)
+        if op.new_path is None:
+            raise ValueError("RENAME without new_path")
+        dst = split_rel(op.new_path)
+        if src == dst:
+            return
+        if dst[: len(src)] == src or src[: len(dst)] == dst:
+            # Into itself, or onto its own ancestor (which would remove the source).
+            raise OSError(errno.EINVAL, f"cannot rename {op.path!r} to {op.new_path!r}")
+        self._abort_under("/".join(src))
+        self._abort_under("/".join(dst))
+        with self._parent(src, create=False) as sd:
+            if sd is None or _lstat(src[-1], sd) is None:
+                return  # already renamed (replay) or gone: nothing to move
+            with self._parent(dst, create=True) as dd:
+                assert dd is not None
+                self._replace(sd, src[-1], dd, dst[-1])
+
+    def _delete(self, op: Op) -> None:
+        parts = split_rel(op.path)
+        self._abort_under("/".join(parts))
+        with self._parent(parts, create=False) as d:
+            if d is not None:
+                self._remove(d, parts[-1])
+
+    def _symlink(self, op: Op) -> None:
+        parts = split_rel(op.path)
+        link = op.link
+        if not link or "\0" in link:
+            raise ValueError(f"SYMLINK {op.path!r} needs a link target without NUL")
+        self._abort_under("/".join(parts))
+        with self._parent(parts, create=True) as d:
+            assert d is not None
+            name = parts[-1]
+            st = _lstat(name, d)
+            same = (
+                st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=d) == link
+            )
+            if not same:
+                # Stored as-is and never followed by us; built aside then renamed in place.
+                tmp = temp_name(name)
+                os.symlink(link, tmp, dir_fd=d)
+                try:
+                    self._replace(d, tmp, d, name)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp, dir_fd=d)
+                    raise
+            self._attrs_at(d, name, op)
+
+    # -- walking -----------------------------------------------------------------------------
+
+    def _scan_fd(self, fd: int, prefix: str) -> Iterator[Entry]:
+        try:
+            with os.scandir(fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for e in entries:
+                name = e.name
+                if is_temp_name(name):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                path = prefix + name
+                mode = st.st_mode
+                common = (st.st_size, st.st_mtime_ns, stat.S_IMODE(mode), st.st_uid, st.st_gid)
+                if stat.S_ISDIR(mode):
+                    yield Entry(path, "d", *common, nlink=st.st_nlink)
+                    try:
+                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        continue  # replaced by a non-directory meanwhile
+                    yield from self._scan_fd(child, path + "/")
+                elif stat.S_ISREG(mode):
+                    yield Entry(path, "f", *common, nlink=st.st_nlink)
+                elif stat.S_ISLNK(mode):
+                    link = os.readlink(name, dir_fd=fd)
+                    yield Entry(path, "l", *common, link=link, nlink=st.st_nlink)
+        finally:
+            os.close(fd)
+
+    def _cleanup_fd(self, fd: int, live: set[str]) -> int:
+        removed = 0
+        try:
+            with os.scandir(fd) as it:
+                entries = list(it)
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    try:
+                        child = os.open(e.name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        continue
+                    removed += self._cleanup_fd(child, live)
+                elif is_temp_name(e.name) and e.name not in live:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(e.name, dir_fd=fd)
+                        removed += 1
+        finally:
+            os.close(fd)
+        return removed

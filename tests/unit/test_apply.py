@@ -1,0 +1,544 @@
+"""Target apply: every op kind, holes, atomic whole-file transfers, replay, confinement."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from dtake.ops import Op, OpKind
+from dtake.service.apply import (
+    ConfinementError,
+    Entry,
+    TargetTree,
+    is_temp_name,
+    split_rel,
+    temp_name,
+)
+
+MTIME = 1_600_000_000_123_456_789
+K = OpKind
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "target"
+
+
+@pytest.fixture
+def tree(root: Path) -> Iterator[TargetTree]:
+    t = TargetTree(str(root))
+    yield t
+    t.close()
+
+
+def whole(tree: TargetTree, path: str, data: bytes, **attrs: Any) -> None:
+    tree.apply(Op(K.FILE_BEGIN, path))
+    if data:
+        tree.apply(Op(K.WRITE, path, data=data))
+    tree.apply(Op(K.FILE_END, path, size=len(data), **attrs))
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# -- basic ops --------------------------------------------------------------------------------
+
+
+def test_root_created_and_mkdir_with_attrs(root: Path, tree: TargetTree) -> None:
+    assert root.is_dir()
+    tree.apply(Op(K.MKDIR, "a/b/c", mode=0o750, uid=12, gid=34, mtime_ns=MTIME))
+    st = os.stat(root / "a/b/c")
+    assert stat.S_IMODE(st.st_mode) == 0o750
+    assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (12, 34, MTIME)
+    assert stat.S_IMODE(os.stat(root / "a").st_mode) == 0o755  # implicit parents
+
+
+def test_mkdir_replaces_file_and_symlink(root: Path, tree: TargetTree) -> None:
+    (root / "f").write_bytes(b"x")
+    os.symlink("/tmp", root / "l")
+    tree.apply(Op(K.MKDIR, "f", mode=0o700))
+    tree.apply(Op(K.MKDIR, "l", mode=0o700))
+    assert (root / "f").is_dir() and not (root / "l").is_symlink() and (root / "l").is_dir()
+
+
+def test_whole_file_attrs_and_exact_mtime(root: Path, tree: TargetTree) -> None:
+    whole(tree, "d/f.txt", b"hello", mode=0o4640, uid=1000, gid=1001, mtime_ns=MTIME)
+    st = os.stat(root / "d/f.txt")
+    assert (root / "d/f.txt").read_bytes() == b"hello"
+    assert stat.S_IMODE(st.st_mode) == 0o4640  # set-id bit kept: chmod comes after chown
+    assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (1000, 1001, MTIME)
+    assert listing(root) == ["d", "d/f.txt"]  # no temp file left
+
+
+def test_file_end_replaces_directory(root: Path, tree: TargetTree) -> None:
+    (root / "x/y").mkdir(parents=True)
+    (root / "x/y/z").write_bytes(b"old")
+    whole(tree, "x", b"now a file")
+    assert (root / "x").read_bytes() == b"now a file"
+
+
+def test_write_in_place_and_setsize(root: Path, tree: TargetTree) -> None:
+    (root / "f").write_bytes(b"0123456789")
+    tree.apply(Op(K.WRITE, "f", offset=2, data=b"ab"))
+    assert (root / "f").read_bytes() == b"01ab456789"
+    tree.apply(Op(K.SETSIZE, "f", size=4, mode=0o600, mtime_ns=MTIME))
+    assert (root / "f").read_bytes() == b"01ab"
+    st = os.stat(root / "f")
+    assert st.st_mtime_ns == MTIME and stat.S_IMODE(st.st_mode) == 0o600
+    tree.apply(Op(K.TRUNCATE, "f", size=0))
+    assert (root / "f").read_bytes() == b""
+    tree.apply(Op(K.WRITE, "new/g", offset=3, data=b"z"))  # created if missing
+    assert (root / "new/g").read_bytes() == b"\0\0\0z"
+
+
+def test_rename_file_dir_and_replace(root: Path, tree: TargetTree) -> None:
+    whole(tree, "a/f", b"A")
+    whole(tree, "b", b"B")
+    tree.apply(Op(K.RENAME, "a/f", new_path="new/dir/g"))  # missing destination parents
+    assert (root / "new/dir/g").read_bytes() == b"A" and not (root / "a/f").exists()
+    tree.apply(Op(K.RENAME, "b", new_path="new/dir/g"))  # replaces a file
+    assert (root / "new/dir/g").read_bytes() == b"B"
+    tree.apply(Op(K.MKDIR, "full"))
+    whole(tree, "full/inner", b"I")
+    tree.apply(Op(K.RENAME, "new", new_path="full"))  # replaces a non-empty dir
+    assert listing(root) == ["a", "full", "full/dir", "full/dir/g"]
+
+
+def test_rename_onto_own_ancestor_refused(root: Path, tree: TargetTree) -> None:
+    whole(tree, "a/b", b"x")
+    with pytest.raises(OSError):
+        tree.apply(Op(K.RENAME, "a/b", new_path="a"))
+    with pytest.raises(OSError):
+        tree.apply(Op(K.RENAME, "a", new_path="a/b/c"))
+    assert (root / "a/b").read_bytes() == b"x"
+
+
+def test_delete_file_link_tree_and_missing(root: Path, tree: TargetTree) -> None:
+    whole(tree, "d/e/f", b"x")
+    tree.apply(Op(K.SYMLINK, "l", link="d"))
+    whole(tree, "g", b"y")
+    tree.apply(Op(K.DELETE, "l"))
+    assert (root / "d/e/f").exists()  # deleting a link never touches its target
+    tree.apply(Op(K.DELETE, "d"))
+    tree.apply(Op(K.DELETE, "g"))
+    tree.apply(Op(K.DELETE, "never/was"))
+    assert listing(root) == []
+
+
+def test_attrs_partial_and_missing(root: Path, tree: TargetTree) -> None:
+    whole(tree, "f", b"x", mode=0o644, uid=5, gid=6, mtime_ns=MTIME)
+    tree.apply(Op(K.ATTRS, "f", mode=0o600))
+    st = os.stat(root / "f")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (0o600, 5, 6, MTIME)
+    tree.apply(Op(K.ATTRS, "f", gid=7, mtime_ns=MTIME + 1))
+    st = os.stat(root / "f")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (
+        0o600,
+        5,
+        7,
+        MTIME + 1,
+    )
+    tree.apply(Op(K.ATTRS, "missing", mode=0o600))  # replayed after a delete: no-op
+    tree.apply(Op(K.ATTRS, "", mode=0o711, mtime_ns=MTIME))  # the root itself
+    assert os.stat(root).st_mtime_ns == MTIME and stat.S_IMODE(os.stat(root).st_mode) == 0o711
+
+
+def test_symlink_stored_as_is(root: Path, tree: TargetTree) -> None:
+    tree.apply(Op(K.SYMLINK, "abs", link="/etc/passwd", uid=3, gid=4, mtime_ns=MTIME))
+    tree.apply(Op(K.SYMLINK, "rel", link="../../outside"))
+    assert os.readlink(root / "abs") == "/etc/passwd"
+    assert os.readlink(root / "rel") == "../../outside"
+    st = os.lstat(root / "abs")
+    assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (3, 4, MTIME)
+    whole(tree, "f", b"x")
+    tree.apply(Op(K.SYMLINK, "f", link="other"))  # replaces a file
+    assert os.readlink(root / "f") == "other"
+    with pytest.raises(ValueError):
+        tree.apply(Op(K.SYMLINK, "bad", link=""))
+
+
+def test_barrier_is_noop(root: Path, tree: TargetTree) -> None:
+    tree.apply(Op(K.BARRIER, seq=5))
+    assert listing(root) == []
+
+
+# -- holes, atomicity, concurrency ------------------------------------------------------------
+
+
+def test_sparse_file_holes_preserved(root: Path, tree: TargetTree) -> None:
+    size = 64 * 1024 * 1024
+    tree.apply(Op(K.FILE_BEGIN, "sparse"))
+    tree.apply(Op(K.WRITE, "sparse", offset=0, data=b"a" * 4096))
+    tree.apply(Op(K.WRITE, "sparse", offset=size // 2, data=b"b" * 4096))
+    tree.apply(Op(K.FILE_END, "sparse", size=size, mtime_ns=MTIME))
+    st = os.stat(root / "sparse")
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 1024 * 1024  # ~8 KiB of data, not 64 MiB
+    with open(root / "sparse", "rb") as f:
+        f.seek(size // 2)
+        assert f.read(4096) == b"b" * 4096
+        f.seek(size - 10)
+        assert f.read() == b"\0" * 10
+
+
+def test_final_name_never_partial(root: Path, tree: TargetTree) -> None:
+    whole(tree, "f", b"old content")
+    tree.apply(Op(K.FILE_BEGIN, "f"))
+    for i in range(4):
+        tree.apply(Op(K.WRITE, "f", offset=i * 3, data=b"new"))
+        assert (root / "f").read_bytes() == b"old content"  # unchanged mid-transfer
+        assert [e.path for e in tree.scan()] == ["f"]  # temp file not listed
+    tree.apply(Op(K.FILE_END, "f", size=12))
+    assert (root / "f").read_bytes() == b"new" * 4
+
+
+def test_interleaved_transfers(root: Path, tree: TargetTree) -> None:
+    tree.apply(Op(K.FILE_BEGIN, "a"))
+    tree.apply(Op(K.FILE_BEGIN, "d/b"))
+    tree.apply(Op(K.WRITE, "d/b", data=b"BBB"))
+    tree.apply(Op(K.WRITE, "a", data=b"AA"))
+    assert tree.transfers_in_progress() == ["a", "d/b"]
+    tree.apply(Op(K.FILE_END, "d/b", size=3))
+    tree.apply(Op(K.FILE_END, "a", size=2))
+    assert (root / "a").read_bytes() == b"AA" and (root / "d/b").read_bytes() == b"BBB"
+    assert tree.transfers_in_progress() == []
+
+
+def test_delete_and_rename_abort_transfers(root: Path, tree: TargetTree) -> None:
+    tree.apply(Op(K.FILE_BEGIN, "d/f"))
+    tree.apply(Op(K.WRITE, "d/f", data=b"x"))
+    tree.apply(Op(K.DELETE, "d"))
+    assert tree.transfers_in_progress() == [] and listing(root) == []
+    tree.apply(Op(K.FILE_BEGIN, "e/g"))
+    tree.apply(Op(K.MKDIR, "e"))
+    tree.apply(Op(K.RENAME, "e", new_path="h"))
+    assert tree.transfers_in_progress() == [] and listing(root) == ["h"]
+
+
+def test_file_end_without_begin_finishes_in_place(root: Path, tree: TargetTree) -> None:
+    """Receiver restarted mid-transfer: the rest arrives as in-place writes."""
+    tree.apply(Op(K.WRITE, "f", offset=0, data=b"abcdef"))
+    tree.apply(Op(K.FILE_END, "f", size=4, mode=0o640, mtime_ns=MTIME))
+    assert (root / "f").read_bytes() == b"abcd"
+    st = os.stat(root / "f")
+    assert st.st_mtime_ns == MTIME and stat.S_IMODE(st.st_mode) == 0o640
+
+
+def test_cleanup_temp_after_crash(root: Path) -> None:
+    t1 = TargetTree(str(root))
+    t1.apply(Op(K.FILE_BEGIN, "d/f"))
+    t1.apply(Op(K.WRITE, "d/f", data=b"partial"))
+    tmp = [n for n in os.listdir(root / "d") if is_temp_name(n)]
+    assert len(tmp) == 1
+    # Simulate a crash: a second tree on the same root, the first never closed properly.
+    (root / "d" / temp_name("g")).write_bytes(b"left over")
+    (root / ".keep.dtake-notatoken").write_bytes(b"user file")
+    t2 = TargetTree(str(root))
+    try:
+        assert t2.cleanup_temp() == 2
+        assert sorted(os.listdir(root)) == [".keep.dtake-notatoken", "d"]
+        assert os.listdir(root / "d") == []
+    finally:
+        t2.close()
+        t1.close()
+
+
+def test_close_removes_unfinished_temp(root: Path) -> None:
+    t = TargetTree(str(root))
+    t.apply(Op(K.FILE_BEGIN, "f"))
+    t.close()
+    assert listing(root) == []
+    with pytest.raises(ValueError):
+        t.apply(Op(K.MKDIR, "x"))
+
+
+# -- idempotent replay ------------------------------------------------------------------------
+
+
+def _replay_ops() -> list[Op]:
+    return [
+        Op(K.MKDIR, "d", mode=0o755, mtime_ns=MTIME),
+        Op(K.FILE_BEGIN, "d/f"),
+        Op(K.WRITE, "d/f", data=b"payload"),
+        Op(K.FILE_END, "d/f", size=7, mode=0o644, mtime_ns=MTIME),
+        Op(K.SYMLINK, "d/l", link="f", mtime_ns=MTIME),
+        Op(K.WRITE, "d/f", offset=0, data=b"P"),
+        Op(K.SETSIZE, "d/f", size=7, mtime_ns=MTIME),
+        Op(K.ATTRS, "d/f", mode=0o600, mtime_ns=MTIME),
+        Op(K.RENAME, "d/f", new_path="d/g"),
+        Op(K.DELETE, "d/gone"),
+    ]
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    out: dict[str, tuple[Any, ...]] = {}
+    for p in sorted(root.rglob("*")):
+        st = os.lstat(p)
+        data = os.readlink(p) if p.is_symlink() else (p.read_bytes() if p.is_file() else None)
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, data)
+        if not p.is_dir():
+            out[str(p.relative_to(root))] += (st.st_mtime_ns,)
+    return out
+
+
+def test_idempotent_reapply(root: Path, tree: TargetTree, tmp_path: Path) -> None:
+    for op in _replay_ops():
+        tree.apply(op)
+    first = snapshot(root)
+    assert first["d/g"][4] == b"Payload" and "d/f" not in first
+    for _ in range(2):  # the whole sequence again, as a source resending after a crash
+        for op in _replay_ops():
+            tree.apply(op)
+        assert snapshot(root) == first
+    # Each op applied twice in a row (a batch resent before its ack arrived).
+    other = TargetTree(str(tmp_path / "twice"))
+    try:
+        for op in _replay_ops():
+            other.apply(op)
+            other.apply(op)
+        assert snapshot(tmp_path / "twice") == first
+    finally:
+        other.close()
+
+
+# -- scan and hashes --------------------------------------------------------------------------
+
+
+def test_scan_entries(root: Path, tree: TargetTree) -> None:
+    tree.apply(Op(K.MKDIR, "d", mode=0o750, uid=1, gid=2, mtime_ns=MTIME))
+    whole(tree, "d/f", b"12345", mode=0o640, uid=3, gid=4, mtime_ns=MTIME)
+    tree.apply(Op(K.SYMLINK, "d/l", link="/nowhere"))
+    tree.apply(Op(K.FILE_BEGIN, "d/pending"))
+    os.mkfifo(root / "fifo")
+    entries = list(tree.scan())
+    assert [(e.path, e.kind) for e in entries] == [("d", "d"), ("d/f", "f"), ("d/l", "l")]
+    f = entries[1]
+    assert f == Entry("d/f", "f", 5, MTIME, 0o640, 3, 4, None, 1)
+    assert entries[2].link == "/nowhere"
+    assert [e.path for e in tree.scan("d")] == ["d/f", "d/l"]
+    assert list(tree.scan("missing")) == [] and list(tree.scan("d/f")) == []
+
+
+def test_scan_does_not_follow_symlinked_dirs(root: Path, tree: TargetTree, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s")
+    os.symlink(outside, root / "link")
+    assert [e.path for e in tree.scan()] == ["link"]
+    with pytest.raises(ConfinementError):
+        list(tree.scan("link"))
+
+
+def test_block_hashes_and_digest(root: Path, tree: TargetTree) -> None:
+    data = os.urandom(10_000)
+    whole(tree, "f", data)
+    assert tree.block_hashes("f", 4096) == [
+        xxhash.xxh3_64_intdigest(data[i : i + 4096]) for i in range(0, len(data), 4096)
+    ]
+    assert tree.file_digest("f") == xxhash.xxh3_128(data).digest()
+    whole(tree, "empty", b"")
+    assert tree.block_hashes("empty", 4096) == []
+    tree.apply(Op(K.SYMLINK, "l", link="f"))
+    for rel in ("missing", "l", "nodir/x"):
+        with pytest.raises(FileNotFoundError):
+            tree.block_hashes(rel, 4096)
+        with pytest.raises(FileNotFoundError):
+            tree.file_digest(rel)
+
+
+def test_temp_names() -> None:
+    n = temp_name("file.txt")
+    assert n.startswith(".file.txt.dtake-") and is_temp_name(n)
+    assert not is_temp_name("file.txt") and not is_temp_name(".x.dtake-short")
+    assert len(os.fsencode(temp_name("x" * 255))) <= 255
+
+
+# -- confinement: crafted ops -----------------------------------------------------------------
+
+
+def fingerprint(path: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything about a directory tree that an escape could change (incl. the top)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for p in [path, *sorted(path.rglob("*"))]:
+        st = os.lstat(p)
+        content: Any = None
+        if p.is_symlink():
+            content = os.readlink(p)
+        elif p.is_file():
+            content = hashlib.sha256(p.read_bytes()).hexdigest()
+        out[str(p)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, content)
+    return out
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    """A directory outside the root with a file, a subdir and known attributes."""
+    s = tmp_path / "sentinel"
+    (s / "sub").mkdir(parents=True)
+    (s / "passwd").write_bytes(b"root:x:0:0\n")
+    (s / "sub" / "x").write_bytes(b"x")
+    for p in (s / "passwd", s / "sub" / "x", s / "sub", s):
+        os.utime(p, ns=(MTIME, MTIME))
+    return s
+
+
+BAD_PATHS = [
+    "../x",
+    "a/../../x",
+    "/etc/passwd",
+    "a/./b",
+    "./a",
+    "a//b",
+    "a/",
+    "a\0b",
+    "..",
+    ".",
+    "",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_PATHS)
+@pytest.mark.parametrize("kind", [k for k in OpKind if k is not OpKind.BARRIER])
+def test_crafted_paths_refused(
+    root: Path, tree: TargetTree, sentinel: Path, kind: OpKind, bad: str
+) -> None:
+    if bad == "" and kind in (K.MKDIR, K.ATTRS):
+        pytest.skip("the empty path names the root itself for MKDIR/ATTRS")
+    before = fingerprint(sentinel)
+    ops = [
+        Op(kind, bad, data=b"PWNED", size=1, mode=0o777, mtime_ns=1, new_path="ok", link="x"),
+        Op(kind, "ok", new_path=bad, data=b"PWNED", size=1, link="x"),
+    ]
+    refused = 0
+    for op in ops:
+        try:
+            tree.apply(op)
+        except ConfinementError as exc:
+            assert exc.code == "PATH_ESCAPE"
+            refused += 1
+    assert refused >= 1
+    if kind is K.RENAME:
+        assert refused == 2
+    assert fingerprint(sentinel) == before
+    assert not os.path.exists("/etc/PWNED")
+
+
+@pytest.mark.parametrize("kind", [k for k in OpKind if k is not OpKind.BARRIER])
+def test_symlinked_parent_dir_refused(
+    root: Path, tree: TargetTree, sentinel: Path, kind: OpKind
+) -> None:
+    os.symlink(sentinel, root / "esc")
+    before = fingerprint(sentinel)
+    cases = [("esc/passwd", "ok"), ("esc/sub/x", "ok"), ("esc/new", "ok"), ("esc/sub", "ok")]
+    if kind is K.RENAME:  # the destination side too
+        cases += [("ok", "esc/passwd"), ("ok", "esc/sub"), ("ok", "esc/sub/new")]
+    for path, new in cases:
+        whole(tree, "ok", b"ok")
+        op = Op(kind, path, new_path=new, data=b"PWNED", size=1, mode=0o777, uid=1, mtime_ns=1)
+        op.link = "x"
+        with pytest.raises(ConfinementError):
+            tree.apply(op)
+    assert fingerprint(sentinel) == before
+    assert (root / "ok").read_bytes() == b"ok"
+
+
+@pytest.mark.parametrize("kind", [K.WRITE, K.TRUNCATE, K.SETSIZE])
+def test_symlink_final_component_not_written(
+    root: Path, tree: TargetTree, sentinel: Path, kind: OpKind
+) -> None:
+    os.symlink(sentinel / "passwd", root / "lnk")
+    os.symlink(sentinel / "absent", root / "dangling")
+    before = fingerprint(sentinel)
+    for name in ("lnk", "dangling"):
+        with pytest.raises(ConfinementError):
+            tree.apply(Op(kind, name, data=b"PWNED", size=0, mode=0o777, mtime_ns=1))
+    assert fingerprint(sentinel) == before
+    assert not (sentinel / "absent").exists()
+
+
+def test_symlink_final_component_attrs_delete_rename(
+    root: Path, tree: TargetTree, sentinel: Path
+) -> None:
+    os.symlink(sentinel / "passwd", root / "lnk")
+    os.symlink(sentinel, root / "dlnk")
+    before = fingerprint(sentinel)
+    tree.apply(Op(K.ATTRS, "lnk", mode=0o777, uid=1, gid=1, mtime_ns=1))  # the link itself
+    assert os.lstat(root / "lnk").st_uid == 1 and os.lstat(root / "lnk").st_mtime_ns == 1
+    tree.apply(Op(K.MKDIR, "dlnk", mode=0o777))  # replaces the link by a directory
+    assert (root / "dlnk").is_dir() and not (root / "dlnk").is_symlink()
+    os.symlink(sentinel, root / "dlnk2")
+    tree.apply(Op(K.DELETE, "dlnk2"))  # removes the link, not the tree behind it
+    os.symlink(sentinel / "sub", root / "src")
+    whole(tree, "f", b"f")
+    tree.apply(Op(K.RENAME, "src", new_path="moved"))  # moves the link itself
+    assert os.readlink(root / "moved") == str(sentinel / "sub")
+    tree.apply(Op(K.RENAME, "f", new_path="lnk"))  # replaces the link, does not follow it
+    assert (root / "lnk").read_bytes() == b"f" and not (root / "lnk").is_symlink()
+    os.symlink(sentinel, root / "dst")
+    whole(tree, "g", b"g")
+    tree.apply(Op(K.RENAME, "g", new_path="dst"))
+    assert (root / "dst").read_bytes() == b"g"
+    os.symlink(sentinel / "passwd", root / "end")
+    whole(tree, "end", b"whole")  # FILE_END renames over the link
+    assert (root / "end").read_bytes() == b"whole"
+    os.symlink(sentinel, root / "slink")
+    tree.apply(Op(K.SYMLINK, "slink", link="elsewhere"))
+    assert os.readlink(root / "slink") == "elsewhere"
+    assert fingerprint(sentinel) == before
+
+
+def test_hardlink_to_outside_is_broken_not_written(
+    root: Path, tree: TargetTree, sentinel: Path
+) -> None:
+    os.link(sentinel / "passwd", root / "hl")
+    before = fingerprint(sentinel)
+    tree.apply(Op(K.WRITE, "hl", offset=0, data=b"PWNED"))
+    tree.apply(Op(K.SETSIZE, "hl", size=5, mode=0o777, mtime_ns=1))
+    assert (root / "hl").read_bytes() == b"PWNED"
+    # Only the link count of the outside file may change (our name went away).
+    after = fingerprint(sentinel)
+    assert after == before
+
+
+def test_root_replaced_by_readonly_bind_mount_still_writable(root: Path, tmp_path: Path) -> None:
+    """Blocking target paths: a read-only bind mount over the root does not stop the service."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for mount")
+    tree = TargetTree(str(root))
+    try:
+        import subprocess
+
+        rc = subprocess.run(
+            ["mount", "--bind", "-o", "ro", str(root), str(root)], capture_output=True, check=False
+        ).returncode
+        if rc != 0:
+            pytest.skip("bind mounts not available here")
+        try:
+            with pytest.raises(OSError):
+                (root / "blocked").write_bytes(b"x")  # other programs see read-only
+            whole(tree, "d/f", b"through the fd")
+            tree.apply(Op(K.RENAME, "d/f", new_path="d/g"))
+        finally:
+            subprocess.run(["umount", str(root)], check=True, timeout=30)
+        assert (root / "d/g").read_bytes() == b"through the fd"
+    finally:
+        tree.close()
+
+
+def test_split_rel() -> None:
+    assert split_rel("a/b") == ("a", "b")
+    assert split_rel("", allow_root=True) == ()
+    assert split_rel("..a/b..") == ("..a", "b..")  # dots inside names are fine
+    for bad in BAD_PATHS:
+        with pytest.raises(ConfinementError):
+            split_rel(bad)
+    with pytest.raises(ConfinementError):
+        split_rel(b"a")
