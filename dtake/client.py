@@ -50,7 +50,9 @@ class Client:
             chunk = s.recv(1 << 16)
             if not chunk:
                 self.close()
-                raise DtakeError(E.SERVER_NOT_RESPONDING, "the dtake service closed the control connection")
+                raise DtakeError(
+                    E.SERVER_NOT_RESPONDING, "the dtake service closed the control connection"
+                )
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         if timeout is not None:
@@ -59,7 +61,9 @@ class Client:
         if not resp.get("ok"):
             err = resp.get("error") or {}
             details = {k: v for k, v in err.items() if k not in ("code", "message")}
-            raise DtakeError(int(err.get("code", E.UNKNOWN)), str(err.get("message", "error")), details)
+            raise DtakeError(
+                int(err.get("code", E.UNKNOWN)), str(err.get("message", "error")), details
+            )
         return resp.get("result")
 
     def close(self) -> None:

@@ -19,7 +19,21 @@ from dtake.errors import DtakeError, E
 
 __all__ = ["QueueConfig", "ServiceConfig", "load_config", "load_schema"]
 
-SYSTEM_DIRS = ("/", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/boot", "/proc", "/sys", "/dev", "/run", "/var/lib/dtake")
+SYSTEM_DIRS = (
+    "/",
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/boot",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/var/lib/dtake",
+)
 
 
 @dataclass
@@ -73,7 +87,9 @@ def load_config(path: str) -> ServiceConfig:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh) or {}
     except OSError as exc:
-        raise DtakeError(E.INVALID_PARAMETER, f"{path}: cannot read config: {exc.strerror}") from exc
+        raise DtakeError(
+            E.INVALID_PARAMETER, f"{path}: cannot read config: {exc.strerror}"
+        ) from exc
     except yaml.YAMLError as exc:
         raise DtakeError(E.INVALID_PARAMETER, f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -99,9 +115,20 @@ def load_config(path: str) -> ServiceConfig:
     )
     cfg = ServiceConfig(queue=queue, source_file=path)
     for key in (
-        "port", "bind", "node_name", "state_dir", "control_socket", "auth_key_file",
-        "admin_group", "monitor_group", "log_file", "log_level", "allowed_target_paths",
-        "auto_reconnect", "auto_remirror", "reconnect_interval_s",
+        "port",
+        "bind",
+        "node_name",
+        "state_dir",
+        "control_socket",
+        "auth_key_file",
+        "admin_group",
+        "monitor_group",
+        "log_file",
+        "log_level",
+        "allowed_target_paths",
+        "auto_reconnect",
+        "auto_remirror",
+        "reconnect_interval_s",
     ):
         if key in raw:
             setattr(cfg, key, raw[key])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["E", "DtakeError", "Report"]
+__all__ = ["DtakeError", "E", "Report"]
 
 
 class E:

@@ -23,7 +23,9 @@ class OpKind(enum.IntEnum):
     MKDIR = 1  # path, mode/uid/gid/mtime_ns
     FILE_BEGIN = 2  # path: start a whole-file transfer into a temp file
     WRITE = 3  # path, offset, data: write a range (in a FILE_BEGIN transfer, or in place)
-    FILE_END = 4  # path, size, mode/uid/gid/mtime_ns: truncate to size, set attrs, rename into place
+    FILE_END = (
+        4  # path, size, mode/uid/gid/mtime_ns: truncate to size, set attrs, rename into place
+    )
     TRUNCATE = 5  # path, size
     RENAME = 6  # path -> new_path (files or whole directories)
     DELETE = 7  # path (a file, a symlink, or a directory tree)

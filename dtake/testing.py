@@ -23,7 +23,7 @@ import yaml
 from dtake.client import Client
 from dtake.errors import DtakeError
 
-__all__ = ["ServiceProcess", "free_port", "tree_digest", "tree_diff"]
+__all__ = ["ServiceProcess", "free_port", "tree_diff", "tree_digest"]
 
 
 def free_port() -> int:
@@ -65,7 +65,10 @@ class ServiceProcess:
             "control_socket": self.socket_path,
             "auth_key_file": self.key_file,
             "reconnect_interval_s": 0.5,
-            "queue": {"memory_max_mb": 64, "disk_folder": os.path.join(self.root, "state", "queue")},
+            "queue": {
+                "memory_max_mb": 64,
+                "disk_folder": os.path.join(self.root, "state", "queue"),
+            },
         }
         cfg.update(self.extra)
         with open(self.config_path, "w", encoding="utf-8") as fh:
@@ -84,7 +87,9 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dtake serve {self.name} exited {self.proc.returncode}:\n{self.tail()}")
+                raise RuntimeError(
+                    f"dtake serve {self.name} exited {self.proc.returncode}:\n{self.tail()}"
+                )
             try:
                 with Client(self.socket_path, timeout=2) as c:
                     c.call("ping")
@@ -132,7 +137,9 @@ def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
             yield os.path.relpath(p, root), os.lstat(p)
 
 
-def tree_digest(root: str, *, mtimes: bool = True, dir_mtimes: bool = False) -> dict[str, tuple[Any, ...]]:
+def tree_digest(
+    root: str, *, mtimes: bool = True, dir_mtimes: bool = False
+) -> dict[str, tuple[Any, ...]]:
     """Path -> (type, mode, uid, gid, size, mtime_ns, content hash / link target)."""
     out: dict[str, tuple[Any, ...]] = {}
     for rel, st in _walk(root):
@@ -141,13 +148,23 @@ def tree_digest(root: str, *, mtimes: bool = True, dir_mtimes: bool = False) -> 
             out[rel] = ("l", os.readlink(p))
             continue
         if stat.S_ISDIR(st.st_mode):
-            out[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) + ((st.st_mtime_ns,) if dir_mtimes else ())
+            out[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) + (
+                (st.st_mtime_ns,) if dir_mtimes else ()
+            )
             continue
         h = hashlib.blake2b(digest_size=16)
         with open(p, "rb") as fh:
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
-        out[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns if mtimes else 0, h.hexdigest())
+        out[rel] = (
+            "f",
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            st.st_mtime_ns if mtimes else 0,
+            h.hexdigest(),
+        )
     return out
 
 

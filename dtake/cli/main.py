@@ -39,7 +39,9 @@ def _hostport(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", help="control socket (default: $DTAKE_SOCKET, then /run/dtake/dtake.sock)")
+    common.add_argument(
+        "--socket", help="control socket (default: $DTAKE_SOCKET, then /run/dtake/dtake.sock)"
+    )
     common.add_argument("--json", action="store_true", help="machine-readable output")
     p = argparse.ArgumentParser(
         prog="dtake",
@@ -52,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="run the replication service (one per node)")
     s.add_argument("--config", required=True, help="service configuration (YAML)")
 
-    s = sub.add_parser("keygen", parents=[common], help="create the cluster auth key file (mode 0600)")
+    s = sub.add_parser(
+        "keygen", parents=[common], help="create the cluster auth key file (mode 0600)"
+    )
     s.add_argument("file")
     s.add_argument("--force", action="store_true", help="overwrite an existing key")
 
@@ -63,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--since", type=int, default=0, help="only events after this sequence number")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
 
-    rs = sub.add_parser("repset", parents=[common], help="replication sets").add_subparsers(dest="action", required=True)
+    rs = sub.add_parser("repset", parents=[common], help="replication sets").add_subparsers(
+        dest="action", required=True
+    )
     s = rs.add_parser("create", parents=[common], help="create a replication set from rules")
     s.add_argument("name")
     s.add_argument(
@@ -76,24 +82,42 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_parser("list", parents=[common], help="list replication sets")
     s = rs.add_parser("show", parents=[common], help="show one replication set")
     s.add_argument("name")
-    s = rs.add_parser("delete", parents=[common], help="delete a replication set (refused while connected, -130)")
+    s = rs.add_parser(
+        "delete", parents=[common], help="delete a replication set (refused while connected, -130)"
+    )
     s.add_argument("name")
 
-    s = sub.add_parser("connect", parents=[common], help="connect a replication set to a target; prints the connection ID")
+    s = sub.add_parser(
+        "connect",
+        parents=[common],
+        help="connect a replication set to a target; prints the connection ID",
+    )
     s.add_argument("repset")
     s.add_argument("target", type=_hostport, metavar="HOST[:PORT]")
-    s.add_argument("--target-path", required=True, help="directory on the target that receives the set's base")
-    s.add_argument("--mirror", default="differences", choices=["full", "differences", "checksum", "newer", "none"])
+    s.add_argument(
+        "--target-path", required=True, help="directory on the target that receives the set's base"
+    )
+    s.add_argument(
+        "--mirror",
+        default="differences",
+        choices=["full", "differences", "checksum", "newer", "none"],
+    )
     s.add_argument("--orphans", default="off", choices=["off", "log", "delete"])
     s.add_argument("--compression", default="none", choices=["none", "zlib", "zstd"])
     s.add_argument("--level", type=int, default=None, help="compression level")
 
-    s = sub.add_parser("disconnect", parents=[common], help="disconnect (discards the source queue)")
+    s = sub.add_parser(
+        "disconnect", parents=[common], help="disconnect (discards the source queue)"
+    )
     s.add_argument("id", type=int)
 
     for name, helptext, actions in (
         ("mirror", "control the mirror of a connection", ["start", "stop", "pause", "resume"]),
-        ("transmit", "control transmission (stop closes the socket and keeps queueing)", ["start", "stop", "pause", "resume"]),
+        (
+            "transmit",
+            "control transmission (stop closes the socket and keeps queueing)",
+            ["start", "stop", "pause", "resume"],
+        ),
     ):
         s = sub.add_parser(name, parents=[common], help=helptext)
         s.add_argument("action", choices=actions)
@@ -101,12 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "mirror":
             s.add_argument("--mode", choices=["full", "differences", "checksum", "newer"])
 
-    s = sub.add_parser("verify", parents=[common], help="compare source and target; report differing files")
+    s = sub.add_parser(
+        "verify", parents=[common], help="compare source and target; report differing files"
+    )
     s.add_argument("id", type=int)
     s.add_argument("--remirror", action="store_true", help="send the differing files again")
-    s.add_argument("--checksum", action="store_true", help="compare block checksums, not only size and time")
+    s.add_argument(
+        "--checksum", action="store_true", help="compare block checksums, not only size and time"
+    )
 
-    s = sub.add_parser("wait", parents=[common], help="wait until a connection is idle (mirror done, nothing queued or unacknowledged)")
+    s = sub.add_parser(
+        "wait",
+        parents=[common],
+        help="wait until a connection is idle (mirror done, nothing queued or unacknowledged)",
+    )
     s.add_argument("id", type=int)
     s.add_argument("--idle", action="store_true", required=True)
     s.add_argument("--timeout", type=float, default=300.0)
@@ -153,7 +185,9 @@ def _run(args: argparse.Namespace) -> int:
         from dtake.protocol.auth import generate_key_file
 
         generate_key_file(args.file, force=args.force)
-        _print({"file": args.file, "created": True}, args, f"key written to {args.file} (mode 0600)")
+        _print(
+            {"file": args.file, "created": True}, args, f"key written to {args.file} (mode 0600)"
+        )
         return EXIT_OK
 
     with Client(args.socket) as cl:
@@ -172,7 +206,12 @@ def _run(args: argparse.Namespace) -> int:
                 else:
                     for e in evs:
                         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
-                        print(json.dumps(e) if args.json else f"{ts} {e['id']:>5} {e['severity']:<7} {e['message']}", flush=True)
+                        print(
+                            json.dumps(e)
+                            if args.json
+                            else f"{ts} {e['id']:>5} {e['severity']:<7} {e['message']}",
+                            flush=True,
+                        )
                 if evs:
                     since = evs[-1]["seq"]
                 if not args.follow:
@@ -181,13 +220,29 @@ def _run(args: argparse.Namespace) -> int:
         elif args.cmd == "repset":
             if args.action == "create":
                 r = cl.call("repset_create", name=args.name, rules=args.rule, replace=args.replace)
-                _print(r, args, f"replication set {r['name']} ({'changed' if r['changed'] else 'unchanged'}), base {r['base']}")
+                _print(
+                    r,
+                    args,
+                    f"replication set {r['name']} ({'changed' if r['changed'] else 'unchanged'}), base {r['base']}",
+                )
             elif args.action == "list":
                 r = cl.call("repset_list")
-                _print(r, args, "\n".join(f"{x['name']:<20} {'; '.join(x['rules'])}" for x in r) or "no replication sets")
+                _print(
+                    r,
+                    args,
+                    "\n".join(f"{x['name']:<20} {'; '.join(x['rules'])}" for x in r)
+                    or "no replication sets",
+                )
             elif args.action == "show":
                 r = cl.call("repset_show", name=args.name)
-                _print(r, args, "\n".join([f"name: {r['name']}", f"base: {r['base']}", "rules:"] + [f"  {x}" for x in r["rules"]]))
+                _print(
+                    r,
+                    args,
+                    "\n".join(
+                        [f"name: {r['name']}", f"base: {r['base']}", "rules:"]
+                        + [f"  {x}" for x in r["rules"]]
+                    ),
+                )
             elif args.action == "delete":
                 r = cl.call("repset_delete", name=args.name)
                 _print(r, args, f"replication set {args.name} deleted")
@@ -215,15 +270,25 @@ def _run(args: argparse.Namespace) -> int:
             r = cl.call("transmit", con_id=args.id, action=args.action)
             _print(r, args, f"connection {args.id}: transmission {r['state']}")
         elif args.cmd == "verify":
-            r = cl.call("verify", timeout=3600, con_id=args.id, remirror=args.remirror, checksum=args.checksum)
-            text = [f"connection {args.id}: {r['files_checked']} files checked, {r['different']} differences"]
+            r = cl.call(
+                "verify",
+                timeout=3600,
+                con_id=args.id,
+                remirror=args.remirror,
+                checksum=args.checksum,
+            )
+            text = [
+                f"connection {args.id}: {r['files_checked']} files checked, {r['different']} differences"
+            ]
             text += [f"  {d['path']}: {d['reason']}" for d in r["differences"]]
             if r["orphans"]:
                 text.append(f"  {len(r['orphans'])} orphan(s) on the target")
             _print(r, args, "\n".join(text))
         elif args.cmd == "wait":
             try:
-                r = cl.call("wait", timeout=args.timeout + 30, con_id=args.id, timeout_s=args.timeout)
+                r = cl.call(
+                    "wait", timeout=args.timeout + 30, con_id=args.id, timeout_s=args.timeout
+                )
             except DtakeError as exc:
                 if exc.code == E.TIMEOUT:
                     _err(exc, args)

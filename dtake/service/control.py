@@ -103,10 +103,16 @@ class _Handler(socketserver.StreamRequestHandler):
             except DtakeError as exc:
                 resp = {"ok": False, "error": exc.to_dict()}
             except (ValueError, AttributeError) as exc:
-                resp = {"ok": False, "error": {"code": E.INVALID_COMMAND, "message": f"bad request: {exc}"}}
+                resp = {
+                    "ok": False,
+                    "error": {"code": E.INVALID_COMMAND, "message": f"bad request: {exc}"},
+                }
             except Exception as exc:
                 log.exception("control command failed")
-                resp = {"ok": False, "error": {"code": E.UNKNOWN, "message": f"internal error: {exc}"}}
+                resp = {
+                    "ok": False,
+                    "error": {"code": E.UNKNOWN, "message": f"internal error: {exc}"},
+                }
             try:
                 self.wfile.write(json.dumps(resp, default=str).encode() + b"\n")
                 self.wfile.flush()

@@ -21,7 +21,7 @@ from dtake.config import ServiceConfig
 from dtake.errors import DtakeError, E
 from dtake.rules import RuleError, RuleSet, parse_rule
 from dtake.service.events import EventLog
-from dtake.service.source import MIRROR_MODES, ConnRecord, Connection
+from dtake.service.source import MIRROR_MODES, Connection, ConnRecord
 from dtake.service.target import TargetServer
 
 __all__ = ["Service", "Store", "serve"]
@@ -45,7 +45,9 @@ class Store:
         except FileNotFoundError:
             return default
         except (OSError, ValueError) as exc:
-            raise DtakeError(E.UNKNOWN, f"{os.path.join(self.dir, name)}: unreadable state: {exc}") from exc
+            raise DtakeError(
+                E.UNKNOWN, f"{os.path.join(self.dir, name)}: unreadable state: {exc}"
+            ) from exc
 
     def save(self, name: str, obj: Any) -> None:
         path = os.path.join(self.dir, name)
@@ -96,12 +98,16 @@ class Service:
         for name, rules in self.store.load("repsets.json", {}).items():
             self.repsets[name] = RuleSet.from_list(rules)
         self.target.listen()
-        self._capture_thread = threading.Thread(target=self._capture_loop, name="capture", daemon=True)
+        self._capture_thread = threading.Thread(
+            target=self._capture_loop, name="capture", daemon=True
+        )
         self._capture_thread.start()
         for d in self.store.load("connections.json", []):
             rec = ConnRecord(**d)
             if rec.repset not in self.repsets:
-                log.error("connection %d names missing replication set %s; dropped", rec.id, rec.repset)
+                log.error(
+                    "connection %d names missing replication set %s; dropped", rec.id, rec.repset
+                )
                 continue
             # The queue did not survive the restart: whatever changed while we were
             # down is found by a difference mirror (never a full copy) [L5048].
@@ -177,6 +183,10 @@ class Service:
                     elif c.rules.matches(path, is_dir=ev.is_dir or kind == "mkdir"):
                         c.on_change(kind, path, is_dir=ev.is_dir)
 
+    def data_state_changed(self, conn: Connection, old: str, new: str) -> None:
+        """Hook for target data state transitions (snapshots before good->bad, events)."""
+        log.info("connection %d: target data state %s -> %s", conn.rec.id, old, new)
+
     # ------------------------------------------------------------------ persistence
     def save_repsets(self) -> None:
         self.store.save("repsets.json", {n: r.to_list() for n, r in self.repsets.items()})
@@ -187,7 +197,9 @@ class Service:
         self.store.save("connections.json", recs)
 
     # ------------------------------------------------------------------ repsets
-    def repset_create(self, name: str, rules: list[str], *, replace: bool = False) -> dict[str, Any]:
+    def repset_create(
+        self, name: str, rules: list[str], *, replace: bool = False
+    ) -> dict[str, Any]:
         if not name or "/" in name:
             raise DtakeError(E.INVALID_PARAMETER, f"invalid replication set name {name!r}")
         if not rules:
@@ -195,10 +207,14 @@ class Service:
         try:
             parsed = [parse_rule(r) for r in rules]
         except RuleError as exc:
-            raise DtakeError(E.INVALID_PARAMETER, str(exc), {"rule": exc.rule_text, "reason": exc.code}) from exc
+            raise DtakeError(
+                E.INVALID_PARAMETER, str(exc), {"rule": exc.rule_text, "reason": exc.code}
+            ) from exc
         rs = RuleSet(parsed)
         if not any(r.include for r in parsed):
-            raise DtakeError(E.INVALID_PARAMETER, "a replication set needs at least one include rule")
+            raise DtakeError(
+                E.INVALID_PARAMETER, "a replication set needs at least one include rule"
+            )
         with self._lock:
             old = self.repsets.get(name)
             if old is not None and not replace:
@@ -279,10 +295,19 @@ class Service:
                 raise DtakeError(E.REPSET_MISSING, f"Replication set does not exist: {repset}")
             base = rules.base()
             if not os.path.isdir(base):
-                raise DtakeError(E.SOURCE_PATH_INVALID, f"Source path is invalid: {base} does not exist")
+                raise DtakeError(
+                    E.SOURCE_PATH_INVALID, f"Source path is invalid: {base} does not exist"
+                )
             for c in self.connections.values():
-                if (c.rec.repset, c.rec.host, c.rec.port, c.rec.target_path) == (repset, host, port, target_path):
-                    raise DtakeError(E.CONNECTION_EXISTS, f"Connection already established (ID {c.rec.id})")
+                if (c.rec.repset, c.rec.host, c.rec.port, c.rec.target_path) == (
+                    repset,
+                    host,
+                    port,
+                    target_path,
+                ):
+                    raise DtakeError(
+                        E.CONNECTION_EXISTS, f"Connection already established (ID {c.rec.id})"
+                    )
             ids = [c.rec.id for c in self.connections.values()]
             rec = ConnRecord(
                 id=max(ids, default=0) + 1,
@@ -318,7 +343,9 @@ class Service:
     def mirror(self, con_id: int, action: str, mode: str | None = None) -> dict[str, Any]:
         c = self._conn(con_id)
         if action == "start":
-            c.start_mirror(mode or c.rec.mirror if (mode or c.rec.mirror) != "none" else "differences")
+            c.start_mirror(
+                mode or c.rec.mirror if (mode or c.rec.mirror) != "none" else "differences"
+            )
         elif action == "stop":
             c.stop_mirror()
         elif action == "pause":
@@ -339,7 +366,9 @@ class Service:
         self.save_connections()
         return c.status()
 
-    def verify(self, con_id: int, *, remirror: bool = False, checksum: bool = False) -> dict[str, Any]:
+    def verify(
+        self, con_id: int, *, remirror: bool = False, checksum: bool = False
+    ) -> dict[str, Any]:
         from dtake.service.verify import verify_connection
 
         c = self._conn(con_id)
@@ -351,7 +380,11 @@ class Service:
     def wait(self, con_id: int, timeout_s: float = 300.0) -> dict[str, Any]:
         c = self._conn(con_id)
         if not c.wait_idle(float(timeout_s)):
-            raise DtakeError(E.TIMEOUT, f"connection {con_id} not idle after {timeout_s:g}s", {"status": c.status()})
+            raise DtakeError(
+                E.TIMEOUT,
+                f"connection {con_id} not idle after {timeout_s:g}s",
+                {"status": c.status()},
+            )
         return c.status()
 
     def status(self) -> dict[str, Any]:
@@ -370,7 +403,10 @@ class Service:
         st = self.status()
         return {
             "node": st["node"],
-            "connections": [{"id": c["id"], **c["stats"], "queued_bytes": c["queued_bytes"]} for c in st["connections"]],
+            "connections": [
+                {"id": c["id"], **c["stats"], "queued_bytes": c["queued_bytes"]}
+                for c in st["connections"]
+            ],
             "targets": st["targets"],
             "watches": getattr(self.capture, "watch_count", 0),
         }

@@ -35,22 +35,61 @@ EVENTS: dict[int, tuple[str, str]] = {
     4003: ("info", "Service has started"),
     4004: ("info", "Service has stopped"),
     4016: ("info", "Connection established to {target} for Replication Set {repset}, ID: {con_id}"),
-    4017: ("info", "Connection to {target} for Replication Set {repset}, ID: {con_id} disconnected"),
-    4019: ("info", "Service has started a mirror to {target} for Replication Set {repset}, ID: {con_id}"),
-    4020: ("info", "Service has paused a mirror to {target} for Replication Set {repset}, ID: {con_id}"),
-    4021: ("info", "Service has resumed a mirror to {target} for Replication Set {repset}, ID: {con_id}"),
-    4022: ("info", "Service has stopped a mirror to {target} for Replication Set {repset}, ID: {con_id}"),
-    4023: ("info", "Service has completed a mirror to {target} for Replication Set {repset}, ID: {con_id}"),
-    4024: ("info", "Service has started replication to {target} for Replication Set {repset}, ID: {con_id}"),
-    4025: ("info", "Service has stopped replication to {target} for Replication Set {repset}, ID: {con_id}"),
+    4017: (
+        "info",
+        "Connection to {target} for Replication Set {repset}, ID: {con_id} disconnected",
+    ),
+    4019: (
+        "info",
+        "Service has started a mirror to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
+    4020: (
+        "info",
+        "Service has paused a mirror to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
+    4021: (
+        "info",
+        "Service has resumed a mirror to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
+    4022: (
+        "info",
+        "Service has stopped a mirror to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
+    4023: (
+        "info",
+        "Service has completed a mirror to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
+    4024: (
+        "info",
+        "Service has started replication to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
+    4025: (
+        "info",
+        "Service has stopped replication to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
     4045: ("warning", "The port {port} is out of range; the default port 6320 is used"),
     4046: ("error", "The port {port} is in use by another application"),
-    4058: ("info", "Service has started a verification task to {target} for Replication Set {repset}, ID: {con_id}"),
-    4062: ("info", "Service has completed a verification task to {target} for Replication Set {repset}, ID: {con_id}"),
-    4099: ("warning", "The driver detected a hard link for a file {path}. Hard links are not supported. Changes to this file will not be replicated."),
-    4150: ("error", "Target write failed for {path}; operation dropped, the target needs a mirror ({error})"),
+    4058: (
+        "info",
+        "Service has started a verification task to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
+    4062: (
+        "info",
+        "Service has completed a verification task to {target} for Replication Set {repset}, ID: {con_id}",
+    ),
+    4099: (
+        "warning",
+        "The driver detected a hard link for a file {path}. Hard links are not supported. Changes to this file will not be replicated.",
+    ),
+    4150: (
+        "error",
+        "Target write failed for {path}; operation dropped, the target needs a mirror ({error})",
+    ),
     # DESIGN ids (no seed equivalent): gaps that force a remirror.
-    51001: ("warning", "Change capture overflowed for connection {con_id}; Mirror Required, a difference mirror restores the target"),
+    51001: (
+        "warning",
+        "Change capture overflowed for connection {con_id}; Mirror Required, a difference mirror restores the target",
+    ),
     51002: ("warning", "Source queue exhausted for connection {con_id}; Mirror Required"),
     51003: ("warning", "Peer {peer} failed authentication"),
 }
@@ -98,4 +137,3 @@ class EventLog:
     def ids(self) -> list[int]:
         with self._lock:
             return [int(r["id"]) for r in self._ring]
-

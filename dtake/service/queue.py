@@ -121,7 +121,13 @@ class SourceQueue:
             for item in moved:
                 new_path = dst_abs + item.path[len(src_abs) :]
                 if not self._append(
-                    Item(next(self._order), lazy=item.lazy, path=new_path, mode=item.mode, meta=item.meta)
+                    Item(
+                        next(self._order),
+                        lazy=item.lazy,
+                        path=new_path,
+                        mode=item.mode,
+                        meta=item.meta,
+                    )
                 ):
                     return False
             return True
@@ -168,4 +174,3 @@ class SourceQueue:
     def notify(self) -> None:
         with self.cond:
             self.cond.notify_all()
-

@@ -160,7 +160,9 @@ class Connection:
         return abspath[len(self.base.rstrip("/")) + 1 :]
 
     # ------------------------------------------------------------------ capture side
-    def on_change(self, kind: str, path: str, *, is_dir: bool = False, dest: str | None = None) -> None:
+    def on_change(
+        self, kind: str, path: str, *, is_dir: bool = False, dest: str | None = None
+    ) -> None:
         """Called by the capture thread for events inside this connection's set."""
         if self.replication == "Stopped":
             return
@@ -261,9 +263,11 @@ class Connection:
 
     def set_data_state(self, value: str) -> None:
         # Written before the data changes (write-ahead): a crash cannot leave a stale "OK".
-        if self.rec.target_data_state != value:
+        old = self.rec.target_data_state
+        if old != value:
             self.rec.target_data_state = value
             self.svc.save_connections()
+            self.svc.data_state_changed(self, old, value)
 
     # ------------------------------------------------------------------ mirror
     def start_mirror(self, mode: str, *, restart: bool = False) -> None:
@@ -289,7 +293,10 @@ class Connection:
             if self.rec.target_data_state in ("OK", "Mirror Required", "Mirroring"):
                 self.set_data_state("Mirroring")
             t = threading.Thread(
-                target=self._mirror_run, args=(mode, self._mirror_cancel), name=f"mirror-{self.rec.id}", daemon=True
+                target=self._mirror_run,
+                args=(mode, self._mirror_cancel),
+                name=f"mirror-{self.rec.id}",
+                daemon=True,
             )
             self._mirror_thread = t
         self.svc.events.emit(89, con_id=self.rec.id)
@@ -508,9 +515,10 @@ class Connection:
             sock = socket.create_connection((self.rec.host, self.rec.port), timeout=10)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             fs = FrameSocket(sock)
-            peer = client_handshake(fs, self.svc.key, node_id=self.svc.node_id, info={"conn": self.rec.uuid})
+            peer = client_handshake(
+                fs, self.svc.key, node_id=self.svc.node_id, info={"conn": self.rec.uuid}
+            )
             self.peer_node = peer.node_id
-            sock.settimeout(None)
             fs.send_obj(
                 MsgType.REQUEST,
                 {
@@ -527,7 +535,10 @@ class Connection:
             )
             mtype, resp = fs.recv_obj(timeout=30)
             if mtype != MsgType.RESPONSE or resp.get("error"):
-                raise DtakeError(int(resp.get("code", E.CONNECTION_FAILED)), str(resp.get("error", "open refused")))
+                raise DtakeError(
+                    int(resp.get("code", E.CONNECTION_FAILED)),
+                    str(resp.get("error", "open refused")),
+                )
         except DtakeError as exc:
             self._set_error(str(exc))
             return False
@@ -551,16 +562,26 @@ class Connection:
                 self._inflight.clear()
                 self._inflight_bytes = 0
                 self.next_seq = max(self.next_seq, target_last + 1)
-        self._reader = threading.Thread(target=self._read_loop, args=(fs,), name=f"acks-{self.rec.id}", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(fs,), name=f"acks-{self.rec.id}", daemon=True
+        )
         self._reader.start()
         self.svc.events.emit(73, target=self.label)
         self.svc.events.emit(4016, target=self.label, repset=self.rec.repset, con_id=self.rec.id)
         if resend and not gap:
             for i in range(0, len(resend), BATCH_OPS):
-                fs.send_obj(MsgType.OPS, [op.to_wire() for _, op in resend[i : i + BATCH_OPS]], compress=self._codec)
+                fs.send_obj(
+                    MsgType.OPS,
+                    [op.to_wire() for _, op in resend[i : i + BATCH_OPS]],
+                    compress=self._codec,
+                )
         if gap or self._needs_resync:
             self._needs_resync = False
-            self.gap("target lost its position after a restart" if gap else "connection lost mid-transfer")
+            self.gap(
+                "target lost its position after a restart"
+                if gap
+                else "connection lost mid-transfer"
+            )
         return True
 
     def _set_error(self, msg: str) -> None:
@@ -617,7 +638,11 @@ class Connection:
             while self._inflight and self._inflight[0][0] <= seq:
                 _, op = self._inflight.popleft()
                 self._inflight_bytes -= op.wire_size()
-                if op.kind == OpKind.BARRIER and op.tags.get("mirror_end") and self.mirror_end_seq == op.seq:
+                if (
+                    op.kind == OpKind.BARRIER
+                    and op.tags.get("mirror_end")
+                    and self.mirror_end_seq == op.seq
+                ):
                     self._mirror_done()
             self._ack_cond.notify_all()
         for f in failed:
@@ -662,7 +687,16 @@ class Connection:
             return
         if item.lazy == LazyKind.MKDIR:
             if stat.S_ISDIR(st.st_mode):
-                self._emit(Op(OpKind.MKDIR, r, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+                self._emit(
+                    Op(
+                        OpKind.MKDIR,
+                        r,
+                        mode=stat.S_IMODE(st.st_mode),
+                        uid=st.st_uid,
+                        gid=st.st_gid,
+                        mtime_ns=st.st_mtime_ns,
+                    )
+                )
             return
         if item.lazy == LazyKind.SYMLINK or stat.S_ISLNK(st.st_mode):
             if stat.S_ISLNK(st.st_mode):
@@ -670,16 +704,43 @@ class Connection:
                     link = os.readlink(path)
                 except OSError:
                     return
-                self._emit(Op(OpKind.SYMLINK, r, link=link, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+                self._emit(
+                    Op(
+                        OpKind.SYMLINK,
+                        r,
+                        link=link,
+                        uid=st.st_uid,
+                        gid=st.st_gid,
+                        mtime_ns=st.st_mtime_ns,
+                    )
+                )
             return
         if item.lazy == LazyKind.ATTRS:
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 return
-            self._emit(Op(OpKind.ATTRS, r, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+            self._emit(
+                Op(
+                    OpKind.ATTRS,
+                    r,
+                    mode=stat.S_IMODE(st.st_mode),
+                    uid=st.st_uid,
+                    gid=st.st_gid,
+                    mtime_ns=st.st_mtime_ns,
+                )
+            )
             return
         if item.lazy == LazyKind.CONTENT:
             if stat.S_ISDIR(st.st_mode):
-                self._emit(Op(OpKind.MKDIR, r, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+                self._emit(
+                    Op(
+                        OpKind.MKDIR,
+                        r,
+                        mode=stat.S_IMODE(st.st_mode),
+                        uid=st.st_uid,
+                        gid=st.st_gid,
+                        mtime_ns=st.st_mtime_ns,
+                    )
+                )
                 return
             if not stat.S_ISREG(st.st_mode):
                 return
@@ -708,7 +769,11 @@ class Connection:
                     old = sig[1]
                 else:
                     chunks = self._request("hashes", path=r, block_size=BLOCK)
-                    old = list(chunks[-1].get("hashes") or []) if chunks and chunks[-1].get("exists") else None
+                    old = (
+                        list(chunks[-1].get("hashes") or [])
+                        if chunks and chunks[-1].get("exists")
+                        else None
+                    )
                 blockwise = old is not None
             if blockwise and old is not None:
                 self._send_blocks(fd, st, r, old, path, mirror)
@@ -768,11 +833,21 @@ class Connection:
                 hpos += BLOCK
         st2 = os.fstat(fd)
         self._emit(
-            Op(OpKind.FILE_END, r, size=st2.st_size, mode=stat.S_IMODE(st2.st_mode), uid=st2.st_uid, gid=st2.st_gid, mtime_ns=st2.st_mtime_ns)
+            Op(
+                OpKind.FILE_END,
+                r,
+                size=st2.st_size,
+                mode=stat.S_IMODE(st2.st_mode),
+                uid=st2.st_uid,
+                gid=st2.st_gid,
+                mtime_ns=st2.st_mtime_ns,
+            )
         )
         self._remember_sig(path, st2.st_size, hashes if st2.st_size == size else None)
 
-    def _send_blocks(self, fd: int, st: os.stat_result, r: str, old: list[int], path: str, mirror: bool) -> None:
+    def _send_blocks(
+        self, fd: int, st: os.stat_result, r: str, old: list[int], path: str, mirror: bool
+    ) -> None:
         size = st.st_size
         hashes: list[int] = []
         pos = 0
@@ -793,14 +868,26 @@ class Connection:
             i += 1
         st2 = os.fstat(fd)
         self._emit(
-            Op(OpKind.SETSIZE, r, size=pos, mode=stat.S_IMODE(st2.st_mode), uid=st2.st_uid, gid=st2.st_gid, mtime_ns=st2.st_mtime_ns)
+            Op(
+                OpKind.SETSIZE,
+                r,
+                size=pos,
+                mode=stat.S_IMODE(st2.st_mode),
+                uid=st2.st_uid,
+                gid=st2.st_gid,
+                mtime_ns=st2.st_mtime_ns,
+            )
         )
         self._remember_sig(path, pos, hashes)
 
     # ------------------------------------------------------------------ sending
     def _emit(self, op: Op) -> None:
         with self._ack_cond:
-            while self._inflight_bytes > WINDOW_BYTES and self._fs is not None and not self._stop.is_set():
+            while (
+                self._inflight_bytes > WINDOW_BYTES
+                and self._fs is not None
+                and not self._stop.is_set()
+            ):
                 self._ack_cond.wait(0.5)
             if self._fs is None:
                 raise _Gap()
@@ -892,4 +979,3 @@ class Connection:
             "compression": self.rec.compression,
             "stats": dict(self.stats),
         }
-

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dtake.errors import E
-from dtake.ops import Op, OpKind
+from dtake.ops import Op
 
 if TYPE_CHECKING:
     from dtake.service.apply import TargetTree
@@ -116,7 +116,9 @@ class TargetServer:
                 conn, addr = self._sock.accept()
             except OSError:
                 return
-            t = threading.Thread(target=self._session, args=(conn, addr), name=f"peer-{addr[0]}", daemon=True)
+            t = threading.Thread(
+                target=self._session, args=(conn, addr), name=f"peer-{addr[0]}", daemon=True
+            )
             t.start()
 
     def save(self) -> None:
@@ -131,7 +133,6 @@ class TargetServer:
         from dtake.protocol.framing import FrameSocket
 
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(30)
         fs = FrameSocket(conn)
         try:
             peer = server_handshake(fs, self.svc.key, node_id=self.svc.node_id)
@@ -143,7 +144,6 @@ class TargetServer:
         except OSError:
             fs.close()
             return
-        conn.settimeout(None)
         self.svc.events.emit(72, source=str(addr[0]))
         state: TargetState | None = None
         try:
@@ -163,7 +163,9 @@ class TargetServer:
 
         mtype, req = fs.recv_obj(timeout=60)
         if mtype != MsgType.REQUEST or req.get("op") != "open":
-            fs.send_obj(MsgType.RESPONSE, {"id": 0, "error": "expected open", "code": E.INVALID_COMMAND})
+            fs.send_obj(
+                MsgType.RESPONSE, {"id": 0, "error": "expected open", "code": E.INVALID_COMMAND}
+            )
             return None
         state, err = self._open(req)
         if state is None:
@@ -256,7 +258,16 @@ class TargetServer:
                 batch: list[dict[str, Any]] = []
                 for e in tree.scan(str(req.get("rel", ""))):
                     batch.append(
-                        {"path": e.path, "kind": e.kind, "size": e.size, "mtime_ns": e.mtime_ns, "mode": e.mode, "uid": e.uid, "gid": e.gid, "link": e.link}
+                        {
+                            "path": e.path,
+                            "kind": e.kind,
+                            "size": e.size,
+                            "mtime_ns": e.mtime_ns,
+                            "mode": e.mode,
+                            "uid": e.uid,
+                            "gid": e.gid,
+                            "link": e.link,
+                        }
                     )
                     if len(batch) >= SCAN_CHUNK:
                         fs.send_obj(MsgType.RESPONSE, {"id": rid, "entries": batch, "more": True})
@@ -265,19 +276,34 @@ class TargetServer:
             elif op == "hashes":
                 try:
                     hashes = tree.block_hashes(str(req["path"]), int(req.get("block_size", 65536)))
-                    fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": True, "hashes": hashes, "more": False})
+                    fs.send_obj(
+                        MsgType.RESPONSE,
+                        {"id": rid, "exists": True, "hashes": hashes, "more": False},
+                    )
                 except FileNotFoundError:
                     fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": False, "more": False})
             elif op == "digest":
                 try:
                     d = tree.file_digest(str(req["path"]))
-                    fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": True, "digest": d, "more": False})
+                    fs.send_obj(
+                        MsgType.RESPONSE, {"id": rid, "exists": True, "digest": d, "more": False}
+                    )
                 except FileNotFoundError:
                     fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": False, "more": False})
             else:
-                fs.send_obj(MsgType.RESPONSE, {"id": rid, "error": f"unknown request {op!r}", "code": E.INVALID_COMMAND, "more": False})
+                fs.send_obj(
+                    MsgType.RESPONSE,
+                    {
+                        "id": rid,
+                        "error": f"unknown request {op!r}",
+                        "code": E.INVALID_COMMAND,
+                        "more": False,
+                    },
+                )
         except OSError as exc:
-            fs.send_obj(MsgType.RESPONSE, {"id": rid, "error": str(exc), "code": E.UNKNOWN, "more": False})
+            fs.send_obj(
+                MsgType.RESPONSE, {"id": rid, "error": str(exc), "code": E.UNKNOWN, "more": False}
+            )
 
     def status(self) -> list[dict[str, Any]]:
         with self._lock:

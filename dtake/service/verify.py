@@ -68,7 +68,9 @@ def verify_connection(conn: Connection, *, remirror: bool, checksum: bool) -> di
                 reason = f"size differs ({st.st_size} vs {t['size']})"
             elif kind == "f" and t["mtime_ns"] != st.st_mtime_ns:
                 reason = "date/time differs"
-            elif kind != "l" and t.get("mode") is not None and t["mode"] != stat.S_IMODE(st.st_mode):
+            elif (
+                kind != "l" and t.get("mode") is not None and t["mode"] != stat.S_IMODE(st.st_mode)
+            ):
                 reason = "permissions differ"
             elif kind != "l" and (t.get("uid"), t.get("gid")) != (st.st_uid, st.st_gid):
                 reason = "owner differs"
