@@ -142,7 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id", type=int)
     s.add_argument("--idle", action="store_true", required=True)
     s.add_argument("--timeout", type=float, default=300.0)
+    for ext in _extensions():
+        ext.add_parsers(sub, common)
     return p
+
+
+# Feature modules add subcommands without touching this file: each module in
+# EXTENSIONS defines add_parsers(subparsers, common) and
+# run(args, client) -> int | None (None: not my command).
+EXTENSIONS: tuple[str, ...] = ()
+
+
+def _extensions() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(name) for name in EXTENSIONS]
 
 
 def _print(obj: Any, args: argparse.Namespace, text: str | None = None) -> None:
@@ -191,6 +205,10 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     with Client(args.socket) as cl:
+        for ext in _extensions():
+            rc = ext.run(args, cl)
+            if rc is not None:
+                return int(rc)
         if args.cmd == "status":
             st = cl.call("status")
             _print(st, args, _render_status(st))

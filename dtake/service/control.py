@@ -54,7 +54,7 @@ def authorise(svc: Service, uid: int, gid: int, cmd: str) -> None:
     groups = _peer_groups(uid, gid)
     if svc.cfg.admin_group in groups:
         return
-    if cmd in READ_ONLY and svc.cfg.monitor_group in groups:
+    if (cmd in READ_ONLY or cmd in svc.extra_read_only) and svc.cfg.monitor_group in groups:
         return
     raise DtakeError(E.INSUFFICIENT_ACCESS, "Insufficient security access")
 
@@ -76,6 +76,7 @@ def dispatch(svc: Service, cmd: str, args: dict[str, Any]) -> Any:
         "verify": svc.verify,
         "wait": svc.wait,
     }
+    handlers.update(svc.extra_handlers)
     fn = handlers.get(cmd)
     if fn is None:
         raise DtakeError(E.INVALID_COMMAND, f"Command is not valid: {cmd!r}")

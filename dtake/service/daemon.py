@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dtake.config import ServiceConfig
@@ -27,6 +28,11 @@ from dtake.service.target import TargetServer
 __all__ = ["Service", "Store", "serve"]
 
 log = logging.getLogger("dtake")
+
+# Feature modules: each defines install(svc) -> object, called at start before the
+# connections are restored; it may register control commands (svc.register) and keep
+# its object in svc.features[name].
+FEATURES: tuple[str, ...] = ()
 
 TEMP_MARK = ".dtake-"  # target temp files: ".<name>.dtake-<token>" (dtake.service.apply)
 
@@ -86,6 +92,11 @@ class Service:
         self.capture: Any = None
         self._capture_thread: threading.Thread | None = None
         self._watched: set[str] = set()
+        # Feature modules (snapshots, replicas, schedules...) add control commands here:
+        # name -> callable(**args); names in extra_read_only are allowed for dtmon.
+        self.extra_handlers: dict[str, Callable[..., Any]] = {}
+        self.extra_read_only: set[str] = set()
+        self.features: dict[str, Any] = {}
         self._internal = tuple(
             os.path.normpath(p) for p in (cfg.state_dir, cfg.queue.disk_folder) if p
         )
@@ -97,6 +108,10 @@ class Service:
         self.capture = InotifyCapture(prune=self.is_internal)
         for name, rules in self.store.load("repsets.json", {}).items():
             self.repsets[name] = RuleSet.from_list(rules)
+        import importlib
+
+        for name in FEATURES:
+            self.features[name] = importlib.import_module(name).install(self)
         self.target.listen()
         self._capture_thread = threading.Thread(
             target=self._capture_loop, name="capture", daemon=True
@@ -127,6 +142,12 @@ class Service:
         if self.capture is not None:
             self.capture.close()
         self.events.emit(4004)
+
+    def register(self, name: str, fn: Callable[..., Any], *, read_only: bool = False) -> None:
+        """Expose ``fn`` on the control socket as command ``name``."""
+        self.extra_handlers[name] = fn
+        if read_only:
+            self.extra_read_only.add(name)
 
     def is_internal(self, path: str) -> bool:
         p = os.path.normpath(path)
