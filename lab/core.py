@@ -494,9 +494,16 @@ class Lab:
         *,
         via: str | None = None,
         timeout: float = 120.0,
+        settle: bool = True,
     ) -> ClusterStatus:
-        """Wait until VIA sees a quorate DC and every one of NODES (default: all) online."""
+        """Wait until VIA sees a quorate DC and every one of NODES (default: all) online.
+
+        With SETTLE (default), then also until the cluster has nothing left to do
+        (``crm_resource --wait``): a node that rejoins after a kill brings its stale
+        resource history along for a moment ("active on 2 nodes") until it is probed.
+        """
         want = sorted(nodes if nodes is not None else self.nodes)
+        deadline = time.monotonic() + timeout
 
         def ok() -> ClusterStatus | None:
             st = self.cluster_status(via)
@@ -504,7 +511,16 @@ class Lab:
                 return st
             return None
 
-        return self.wait_for(ok, timeout, what=f"cluster with {', '.join(want)} online")
+        st = self.wait_for(ok, timeout, what=f"cluster with {', '.join(want)} online")
+        if settle:
+            left = max(1, int(deadline - time.monotonic()))
+            self.exec(
+                via or self.first_running(),
+                ["crm_resource", "--wait", f"--timeout={left}s"],
+                timeout=left + 10,
+            )
+            st = self.cluster_status(via)
+        return st
 
     # ------------------------------------------------------------------ up
     def up(self, *, timeout: float = 120.0) -> UpReport:

@@ -9,12 +9,17 @@ asserts a timing.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 
 import pytest
 
-from lab import Lab, LabError, NodeCommandError, NodeDown, netns
+from lab import Lab, LabError, NodeCommandError, NodeDown, netns, preflight
 from lab.proc import Proc, stat
+from lab.pytest_plugin import make_lab, require_lab
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.cluster
 
@@ -91,7 +96,11 @@ def test_exec_reports_failures_and_timeouts(lab_cluster: Lab) -> None:
     with pytest.raises(NodeCommandError) as e:
         lab.exec("node1", ["sleep", "30"], timeout=0.5)
     assert e.value.timed_out
-    assert "sleep" not in lab.exec("node1", ["ps", "-e", "-o", "comm="]).stdout
+
+    def sleep_gone() -> bool:  # killed with its process group (reaped by the node's init)
+        return "sleep" not in lab.exec("node1", ["ps", "-e", "-o", "comm="]).stdout
+
+    lab.wait_for(sleep_gone, 10, what="timed-out command killed")
     with pytest.raises(LabError):
         lab.exec("node7", "true")
 
@@ -118,7 +127,11 @@ def test_spawn_is_tracked_and_ended(lab_cluster: Lab) -> None:
     sp = lab.spawn("node2", ["sleep", "1000"], name="sleeper")
     assert sp.running()
     assert "sleep" in lab.exec("node2", ["ps", "-e", "-o", "comm="]).stdout
-    assert "sleep" not in lab.exec("node1", ["ps", "-e", "-o", "comm="]).stdout
+
+    def sleep_gone() -> bool:  # killed with its process group (reaped by the node's init)
+        return "sleep" not in lab.exec("node1", ["ps", "-e", "-o", "comm="]).stdout
+
+    lab.wait_for(sleep_gone, 10, what="timed-out command killed")
     assert [s.name for s in lab.spawned("node2")] == ["sleeper"]
     sp.stop(timeout=5)
     assert not sp.running()
@@ -209,20 +222,9 @@ def _lab_processes(lab: Lab) -> list[Proc]:
     return procs
 
 
-def test_down_leaves_nothing_behind(lab_cluster: Lab) -> None:
-    lab = lab_cluster
-    lab.spawn("node1", ["sleep", "1000"], name="leftover")
-    procs = _lab_processes(lab)
-    assert len(procs) > 3 * 9  # sshd, corosync, pacemaker's 7 per node, inits...
-    names = [lab.hub, *map(lab.netns_of, lab.nodes)]
-
-    lab.down()
-
+def assert_nothing_left(lab: Lab, procs: list[Proc], names: list[str]) -> None:
     # processes: none left running (zombies wait for the host's pid 1 to reap them)
-    def all_gone() -> bool:
-        return not any(p.running() for p in procs)
-
-    lab.wait_for(all_gone, 15, what="lab processes gone")
+    lab.wait_for(lambda: not any(p.running() for p in procs), 15, what="lab processes gone")
     for p in procs:
         st = stat(p.pid)
         assert st is None or st[2] != p.start or st[0] == "Z", f"pid {p.pid} still {st}"
@@ -240,5 +242,67 @@ def test_down_leaves_nothing_behind(lab_cluster: Lab) -> None:
     assert not os.path.exists(lab.state_dir)
     assert not os.path.exists(lab.state_dir + ".lock")
     assert not lab.status().up
-    # and down again is a no-op
-    assert lab.down() == []
+
+
+def test_down_leaves_nothing_behind(lab_cluster: Lab) -> None:
+    lab = lab_cluster
+    lab.spawn("node1", ["sleep", "1000"], name="leftover")
+    procs = _lab_processes(lab)
+    assert len(procs) > 3 * 9  # sshd, corosync, pacemaker's 7 per node, inits...
+    names = [lab.hub, *map(lab.netns_of, lab.nodes)]
+    lab.down()
+    assert_nothing_left(lab, procs, names)
+    assert lab.down() == []  # and down again is a no-op
+
+
+def test_down_after_the_lab_process_crashed() -> None:
+    """SIGKILL `python -m lab up` halfway: a new Lab object cleans up from the state dir alone."""
+    lab = make_lab(2)
+    require_lab(lab)
+    argv = [sys.executable, "-m", "lab", "--prefix", lab.prefix, "--state-dir", lab.state_dir]
+    p = subprocess.Popen(
+        [*argv, "up", "2"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def booted() -> bool:
+            fresh = Lab(lab.prefix, 2, state_dir=lab.state_dir)
+            return bool(fresh._state) and all(fresh.running(n) for n in fresh.nodes)
+
+        lab.wait_for(booted, 60, interval=0.05, what="nodes booted by the CLI")
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        fresh = Lab(lab.prefix, 2, state_dir=lab.state_dir)
+        procs = _lab_processes(fresh)
+        assert procs
+        fresh.down()
+        assert_nothing_left(fresh, procs, [fresh.hub, *map(fresh.netns_of, fresh.nodes)])
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        Lab(lab.prefix, 2, state_dir=lab.state_dir).down()
+
+
+def test_preflight_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preflight.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(preflight.shutil, "which", lambda *a, **k: None)
+    problems = preflight.check("/run/dtake-lab-x")
+    text = "\n".join(problems)
+    assert "needs root" in text and "sudo" in text
+    assert "pacemaker" in text and "apt-get install" in text and "make deps" in text
+
+
+def test_missing_requirements_fail_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = Lab("tpre", 3)
+    monkeypatch.setattr(Lab, "preflight", lambda self: ["no corosync: apt-get install corosync"])
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install corosync"):
+        require_lab(lab)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require_lab(lab)
