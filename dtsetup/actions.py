@@ -8,6 +8,7 @@ change already made, so the host is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -232,7 +233,7 @@ def _run(ctx: Context, steps: list[Step], result: RunResult) -> RunResult:
         except (StepError, OSError) as exc:
             code = exc.code if isinstance(exc, StepError) else Code.STEP_FAILED
             result.steps.append(StepResult(step.name, FAILED, str(exc)))
-            result.reports.append(error(Code(code), f"{step.name}: {exc}", key=step.name))
+            result.reports.append(error(Code(code), str(exc), key=step.name))
             continue
         plans.append(change)
         if change.changed:
@@ -251,7 +252,7 @@ def _run(ctx: Context, steps: list[Step], result: RunResult) -> RunResult:
         except Exception as exc:
             problems = txn.rollback()
             result.steps[index] = StepResult(step.name, FAILED, str(exc), planned.diff)
-            result.reports.append(error(Code.STEP_FAILED, f"{step.name}: {exc}", key=step.name))
+            result.reports.append(error(Code.STEP_FAILED, str(exc), key=step.name))
             for p in problems:
                 result.reports.append(error(Code.ROLLBACK_FAILED, p, key=step.name))
             for j in range(index):
@@ -435,7 +436,17 @@ def uninstall(
         previous=record,
     )
     result.section = ctx.settings.section
-    return _run(ctx, _uninstall_steps(record, python), result)
+    _run(ctx, _uninstall_steps(record, python), result)
+    if not result.failed and not check:
+        # Trees moved aside are deleted at commit, which can empty more recorded folders.
+        for d in sorted(_recorded_dirs(record), key=lambda d: (-d.count("/"), d)):
+            with contextlib.suppress(OSError):
+                ctx.host(d).rmdir()
+    return result
+
+
+def _recorded_dirs(record: dict[str, Any]) -> list[str]:
+    return list((record.get("installed") or {}).get("dirs") or ())
 
 
 # -- export ------------------------------------------------------------------------------

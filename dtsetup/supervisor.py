@@ -169,17 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path)
     parser.add_argument("--notify", action="store_true")
     parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("cmd", nargs="*")
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    cmd: list[str] = []
+    if "--" in words:  # everything after -- is the service's command line
+        cut = words.index("--")
+        words, cmd = words[:cut], words[cut + 1 :]
+    args = parser.parse_args(words)
     if args.action == "status":
         return RUNNING if read_pid(args.pidfile) is not None else NOT_RUNNING
     if args.action == "stop":
         return stop(args.pidfile, args.timeout)
-    if not args.cmd:
+    if not cmd:
         parser.error("start needs the service command after --")
     if args.action == "restart":
         stop(args.pidfile, args.timeout)
-    return start(args.pidfile, args.log, args.notify, args.cmd, args.timeout)
+    return start(args.pidfile, args.log, args.notify, cmd, args.timeout)
 
 
 if __name__ == "__main__":

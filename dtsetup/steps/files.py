@@ -27,6 +27,8 @@ class FoldersStep:
                 (paths.STATE_DIR, 0o750),
                 (s.disk_queue_folder, 0o750),
             ]
+            if ctx.init == "supervisor":  # systemd makes these itself (RuntimeDirectory=)
+                wanted += [(paths.RUN_DIR, 0o755), (paths.SUPERVISOR_LOG_DIR, 0o750)]
         return wanted
 
     def plan(self, ctx: Context) -> Change:

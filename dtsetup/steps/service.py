@@ -200,4 +200,6 @@ class ServiceStep:
         files = [f.path for f in self._files(ctx)]
         if ctx.init == "systemd-offline" and ctx.settings.service_startup:
             files.append(paths.SYSTEMD_WANTS)
+        if ctx.init == "supervisor":
+            files.append(paths.SUPERVISOR_LOG)
         return {"init": ctx.init, "files": files}
