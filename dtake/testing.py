@@ -23,7 +23,7 @@ import yaml
 from dtake.client import Client
 from dtake.errors import DtakeError
 
-__all__ = ["ServiceProcess", "free_port", "tree_diff", "tree_digest"]
+__all__ = ["FakeControl", "ServiceProcess", "free_port", "tree_diff", "tree_digest"]
 
 
 def free_port() -> int:
@@ -180,3 +180,52 @@ def tree_diff(a: str, b: str, **kw: Any) -> list[str]:
         elif da[k] != db[k]:
             out.append(f"differs: {k}: {da[k]} != {db[k]}")
     return out
+
+
+class FakeControl:
+    """A scripted control socket (test double for the CLI and the resource agents).
+
+    ``replies`` maps a command name to a result (or a callable taking the args, or a
+    ``DtakeError`` to return as an error). Every request is recorded in ``requests``.
+    """
+
+    def __init__(self, path: str, replies: dict[str, Any]) -> None:
+        import threading
+
+        self.path = path
+        self.replies = replies
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(path)
+        self._srv.listen(8)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import json
+
+        while True:
+            try:
+                conn, _ = self._srv.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as fh:
+                for line in fh:
+                    req = json.loads(line)
+                    cmd, args = req["cmd"], req.get("args") or {}
+                    self.requests.append((cmd, args))
+                    reply = self.replies.get(cmd)
+                    if isinstance(reply, DtakeError):
+                        resp: dict[str, Any] = {"ok": False, "error": reply.to_dict()}
+                    elif cmd not in self.replies:
+                        resp = {
+                            "ok": False,
+                            "error": {"code": -102, "message": f"unscripted {cmd}"},
+                        }
+                    else:
+                        resp = {"ok": True, "result": reply(**args) if callable(reply) else reply}
+                    fh.write(json.dumps(resp).encode() + b"\n")
+                    fh.flush()
+
+    def close(self) -> None:
+        self._srv.close()

@@ -38,15 +38,22 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --socket/--json are accepted before or after the subcommand; the subcommands'
+    # copies use other dests (merged in main()) so they never overwrite a value given
+    # before the subcommand.
+    sock_help = "control socket (default: $DTAKE_SOCKET, then /run/dtake/dtake.sock)"
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("--socket", help=sock_help)
+    top.add_argument("--json", action="store_true", help="machine-readable output")
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", dest="sub_socket", metavar="SOCKET", help=sock_help)
     common.add_argument(
-        "--socket", help="control socket (default: $DTAKE_SOCKET, then /run/dtake/dtake.sock)"
+        "--json", dest="sub_json", action="store_true", help="machine-readable output"
     )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
     p = argparse.ArgumentParser(
         prog="dtake",
         description="dtake: high-availability file replication (Double-Take Availability for Linux clusters)",
-        parents=[common],
+        parents=[top],
         epilog="Exit codes: 0 ok, 1 refused/failed (seed error code shown), 2 usage, 3 wait timed out, 4 service unreachable.",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -325,6 +332,8 @@ def _err(exc: DtakeError, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.socket = getattr(args, "sub_socket", None) or args.socket
+    args.json = bool(getattr(args, "sub_json", False) or args.json)
     try:
         return _run(args)
     except DtakeError as exc:
