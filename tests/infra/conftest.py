@@ -1,0 +1,69 @@
+"""testinfra suites for dtake nodes.
+
+Against your own nodes::
+
+    pytest tests/infra --hosts=ssh://root@node1,ssh://root@node2 \
+        [--dtake-config /etc/dtake/dtake.yaml] [--dtake-bin /opt/dtake/venv/bin/dtake] [--dtake-agents]
+
+Without ``--hosts`` (CI, a developer machine) the suite starts a real local service in a
+temporary directory and checks it through testinfra's local backend, so the same checks
+run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+def pytest_addoption(parser: Any) -> None:
+    g = parser.getgroup("dtake")
+    g.addoption(
+        "--dtake-config",
+        default=None,
+        help="service config on the hosts (default /etc/dtake/dtake.yaml)",
+    )
+    g.addoption(
+        "--dtake-bin", default=None, help="dtake command on the hosts (default: dtake on PATH)"
+    )
+    g.addoption(
+        "--dtake-agents", action="store_true", help="also check the OCF agents are installed"
+    )
+
+
+class Target:
+    def __init__(self, config: str, dtake_bin: str, agents: bool) -> None:
+        self.config = config
+        self.dtake_bin = dtake_bin
+        self.agents = agents
+
+
+@pytest.fixture(scope="session")
+def dtake_target(request: Any) -> Iterator[Target]:
+    hosts = request.config.getoption("hosts", default=None)
+    cfg = request.config.getoption("--dtake-config")
+    binary = request.config.getoption("--dtake-bin")
+    agents = bool(request.config.getoption("--dtake-agents"))
+    if hosts:
+        yield Target(cfg or "/etc/dtake/dtake.yaml", binary or "dtake", agents)
+        return
+    from dtake.protocol.auth import generate_key_file
+    from dtake.testing import ServiceProcess
+
+    work = tempfile.mkdtemp(prefix="dtake-infra-")
+    key = os.path.join(work, "authkey")
+    generate_key_file(key)
+    svc = ServiceProcess(os.path.join(work, "node"), "infra-node", key).start()
+    try:
+        yield Target(
+            svc.config_path, os.path.join(os.path.dirname(sys.executable), "dtake"), agents
+        )
+    finally:
+        svc.stop()
+        shutil.rmtree(work, ignore_errors=True)
