@@ -195,6 +195,13 @@ class Lab:
         self._lock_depth = 0
         self._load()
 
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
     # ------------------------------------------------------------------ names
     @property
     def hub(self) -> str:
@@ -382,6 +389,14 @@ class Lab:
             raise NodeCommandError(node, res)
         return res
 
+    def write_file(self, node: str, path: str, data: str, *, mode: int = 0o644) -> None:
+        """Write DATA to PATH inside NODE (any path the node sees; parent dirs created)."""
+        script = 'mkdir -p "$(dirname "$1")" && cat >"$1" && chmod "$2" "$1"'
+        self.exec(node, ["sh", "-c", script, "sh", path, f"{mode:o}"], input=data)
+
+    def read_file(self, node: str, path: str) -> str:
+        return self.exec(node, ["cat", path]).stdout
+
     def interactive(self, node: str, cmd: Sequence[str]) -> int:
         """Run CMD inside NODE on the caller's terminal (CLI `exec`); returns its exit status."""
         return subprocess.call([*self._nsenter(node, "/"), *cmd], env=self._env(None))
@@ -547,7 +562,7 @@ class Lab:
                 if all(self.running(n) for n in self.nodes) and all(
                     all(self.service_status(n).values()) for n in self.nodes
                 ):
-                    self.wait_cluster(timeout=timeout)
+                    self.wait_cluster(timeout=timeout, settle=False)
                     return UpReport(True, [], time.monotonic() - t0)
             else:
                 self._claim_netns_names()
@@ -577,7 +592,7 @@ class Lab:
             t = stage("corosync", t)
             for n in self.nodes:
                 self._start_service(n, "pacemakerd")
-            self.wait_cluster(timeout=timeout)
+            self.wait_cluster(timeout=timeout, settle=False)
             stage("pacemaker (DC, all online)", t)
         return UpReport(False, stages, time.monotonic() - t0)
 

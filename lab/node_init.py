@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import sys
-import time
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -97,13 +96,16 @@ def _setup(spec: dict[str, object]) -> None:
 
 
 def _reap_forever() -> None:
+    # SIGCHLD blocked and waited for: every orphan is reaped as soon as it exits,
+    # also when the init had no child a moment before.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     while True:
         try:
-            os.wait()
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
         except ChildProcessError:
-            time.sleep(0.5)
-        except InterruptedError:
             pass
+        signal.sigtimedwait({signal.SIGCHLD}, 5.0)
 
 
 def main() -> None:

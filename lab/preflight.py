@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 
+from .settings import OVERLAYS
+
 __all__ = ["check"]
 
 APT_FIX = (
@@ -85,4 +87,11 @@ def check(state_dir: str) -> list[str]:
             "overlay upper dirs: pick one on tmpfs or ext4, e.g. "
             "`--state-dir /dev/shm/dtake-lab` (env DTAKE_LAB_STATE_DIR)"
         )
+    real = os.path.realpath(state_dir)
+    for tree in OVERLAYS:
+        if real == tree or real.startswith(tree + "/"):
+            problems.append(
+                f"state dir {state_dir} is under {tree}, which every node overlays: "
+                "pick one outside it, e.g. the default /run/dtake-lab-<prefix>"
+            )
     return problems

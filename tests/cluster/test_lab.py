@@ -80,6 +80,10 @@ def test_nodes_are_isolated(lab_cluster: Lab) -> None:
         assert f.read() == "one\n"
     assert not os.path.exists("/etc/dtake/marker")
     lab.exec("node1", "rm /srv/marker /etc/dtake/marker")
+    lab.write_file("node2", "/etc/dtake/dtake.yaml", "port: 6320\n", mode=0o600)
+    assert lab.read_file("node2", "/etc/dtake/dtake.yaml") == "port: 6320\n"
+    assert os.stat(lab.host_path("node2", "/etc/dtake/dtake.yaml")).st_mode & 0o777 == 0o600
+    lab.exec("node2", "rm /etc/dtake/dtake.yaml")
     # the ocf provider dir for dtake exists, empty and private
     assert lab.exec("node3", "ls -A /usr/lib/ocf/resource.d/dtake").stdout == ""
     # the repo (and its virtualenv) is visible inside the nodes
