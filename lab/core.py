@@ -416,7 +416,7 @@ class Lab:
         program's base name) must be unique per node while it runs.
         """
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        name = name or os.path.basename(argv[0] if argv[0] != "sh" else "sh")
+        name = name or os.path.basename(cmd.split()[0] if isinstance(cmd, str) else argv[0])
         with self._locked():
             recs = self._node_rec(node).setdefault("spawned", {})
             old = recs.get(name)
@@ -680,16 +680,16 @@ class Lab:
         nd = self.node_dir(node)
         for name in PRIVATE_DIRS.values():
             os.makedirs(os.path.join(nd, name), exist_ok=True)
-        for name in OVERLAYS.values():
+        for name in _overlays().values():
             os.makedirs(os.path.join(nd, f"{name}.upper"), exist_ok=True)
             os.makedirs(os.path.join(nd, f"{name}.work"), exist_ok=True)
         # overlay upper dirs replace the attributes of the host dirs: keep them
-        for inside, name in OVERLAYS.items():
+        for inside, name in _overlays().items():
             st = os.stat(inside)
             os.chmod(os.path.join(nd, f"{name}.upper"), st.st_mode & 0o7777)
         # mount points below overlays must exist in the upper dir (never on the host)
         for inside in PRIVATE_DIRS:
-            for ov, name in OVERLAYS.items():
+            for ov, name in _overlays().items():
                 if inside.startswith(ov + "/") and not os.path.isdir(inside):
                     os.makedirs(
                         os.path.join(nd, f"{name}.upper", inside[len(ov) + 1 :]), exist_ok=True
@@ -789,7 +789,7 @@ class Lab:
     def _spec(self, node: str) -> dict[str, Any]:
         nd = self.node_dir(node)
         mounts: list[dict[str, Any]] = []
-        for inside, name in OVERLAYS.items():
+        for inside, name in _overlays().items():
             up, work = os.path.join(nd, f"{name}.upper"), os.path.join(nd, f"{name}.work")
             mounts.append(
                 {
@@ -1068,6 +1068,10 @@ def _read(path: str) -> str:
 def _read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def _overlays() -> dict[str, str]:
+    return {k: v for k, v in OVERLAYS.items() if os.path.isdir(k)}
 
 
 def _hacluster() -> tuple[int, int]:

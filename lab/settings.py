@@ -55,7 +55,14 @@ PRIVATE_DIRS = {
 # Trees that get a private copy-on-write overlay (host tree below, node's
 # changes in <state>/nodes/<node>/<name>.upper): the node may write anywhere in
 # them (dtsetup, groups, ssh keys) and the host never sees it.
-OVERLAYS = {"/etc": "etc", "/var": "var", "/usr/lib/ocf/resource.d": "ocf"}
+# (A tree the host lacks is skipped: the lab never creates mount points on the host.)
+OVERLAYS = {
+    "/etc": "etc",
+    "/var": "var",
+    "/opt": "opt",
+    "/usr/local": "usr-local",
+    "/usr/lib/ocf/resource.d": "ocf",
+}
 
 # /run (a fresh tmpfs per node): what Debian's tmpfiles.d would create.
 RUN_DIRS = [
