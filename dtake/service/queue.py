@@ -1,4 +1,5 @@
-"""The source queue of one connection: ordered items, lazy reads, rename-safe dedup.
+"""The source queue of one connection: ordered items, lazy reads, rename-safe dedup,
+memory spilling to disk transaction logs.
 
 Items are either *eager* ops (DELETE, RENAME, BARRIER: everything they need is known when
 the change is captured) or *lazy* items (CONTENT, ATTRS, MKDIR, SYMLINK) that read the
@@ -12,17 +13,41 @@ rename: a lazy item queued for ``a`` before ``rename a -> b`` would, when sent, 
 the *new* ``a`` (or nothing). So a rename cancels the pending lazy items below ``a``
 and re-queues them, in their original order, *after* the rename and under ``b``.
 A delete cancels the pending lazy items below the deleted path.
+
+Memory and disk (seed §5.1 [L4950-4956]): memory holds the *oldest* items, up to
+QMemoryBufferMax; once it is full, new items go to disk only, and while any item is
+held only on disk every new item goes to disk too (FIFO across the boundary). The
+consumer reads from memory; memory is refilled from the oldest log. With a journal
+(``dtake.service.diskqueue``) every item is also written through to the logs, so
+memory is a bounded cache of the head of the logs and a restart replays them.
+
+Dedup and cancellation across the boundary (the decision): the dedup index covers the
+in-memory items only; nothing in memory describes what is on disk, so memory stays
+bounded whatever the disk queue holds. Items read back from disk are instead made safe
+by *identity*: every lazy item records the inode its path had when it was queued, and
+an item read back from disk whose path now names another inode (or, recorded as
+missing, now exists) is dropped — its file was renamed away or replaced, and a later
+item covers the new file. What a rename moved must then be re-sent under the new name:
+``disk_may_hold(path)`` (a Bloom filter over the on-disk paths and their parents) tells
+the caller to queue the destination subtree after the rename. A dedup hit merges into
+the in-memory item only when the inode is unchanged; otherwise a new item is queued,
+so the journal never depends on an in-memory merge.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+import xxhash
+
 from dtake.ops import Op
+from dtake.service.diskqueue import DiskJournal, JournalReader
 
 __all__ = ["Item", "LazyKind", "SourceQueue"]
 
@@ -44,24 +69,97 @@ class Item:
     mode: str = "realtime"  # realtime | full | differences | checksum | newer
     cancelled: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    ino: int = 0  # inode of `path` when queued (0: it did not exist)
+    from_disk: bool = False  # read back from a log: validated by identity when taken
 
     def cost(self) -> int:
         return 96 + len(self.path) + (self.op.wire_size() if self.op else 0)
+
+    def encode(self) -> bytes:
+        return bytes(
+            msgpack.packb(
+                [
+                    self.order,
+                    self.lazy,
+                    self.path,
+                    self.op.to_wire() if self.op else None,
+                    self.mode,
+                    self.meta or None,
+                    self.ino,
+                ],
+                use_bin_type=True,
+            )
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Item:
+        order, lazy, path, op, mode, meta, ino = msgpack.unpackb(payload, raw=False)
+        return cls(
+            int(order),
+            lazy=lazy,
+            path=str(path),
+            op=Op.from_wire(op) if op is not None else None,
+            mode=str(mode),
+            meta=dict(meta or {}),
+            ino=int(ino),
+            from_disk=True,
+        )
 
 
 def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top + "/")
 
 
-class SourceQueue:
-    """FIFO of items with a byte budget (QMemoryBufferMax) and rename-aware dedup.
+def _ino(path: str) -> int:
+    try:
+        return os.lstat(path).st_ino
+    except OSError:
+        return 0
 
-    ``put`` returns False when the budget is exhausted: the caller then marks the
-    connection Mirror Required (nothing lost silently: a difference mirror replaces
-    what could not be queued) and calls ``clear``.
+
+class _Bloom:
+    """Paths (and their parents) that may be held only on disk; reset when none is."""
+
+    BITS = 1 << 20  # 128 KiB, fixed: memory does not grow with the disk queue
+
+    def __init__(self) -> None:
+        self._bits = bytearray(self.BITS // 8)
+        self.empty = True
+
+    def _idx(self, key: str) -> tuple[int, int, int]:
+        h = xxhash.xxh3_128_intdigest(key.encode("utf-8", "surrogateescape"))
+        m = self.BITS - 1
+        return h & m, (h >> 40) & m, (h >> 80) & m
+
+    def add_path(self, path: str) -> None:
+        p = path
+        while p and p != "/":
+            for i in self._idx(p):
+                self._bits[i >> 3] |= 1 << (i & 7)
+            p = os.path.dirname(p)
+        self.empty = False
+
+    def may_hold(self, path: str) -> bool:
+        if self.empty:
+            return False
+        return all(self._bits[i >> 3] & (1 << (i & 7)) for i in self._idx(path))
+
+    def reset(self) -> None:
+        if not self.empty:
+            self._bits = bytearray(self.BITS // 8)
+            self.empty = True
+
+
+class SourceQueue:
+    """FIFO of items: memory up to ``max_bytes`` (QMemoryBufferMax), then the journal.
+
+    ``put`` returns False when the queue is exhausted (memory full and no journal, or the
+    journal at DiskQueueMaxSize / DiskFreeSpaceMin): the caller then auto-disconnects and
+    marks the connection Mirror Required (nothing lost silently: a difference mirror
+    replaces what could not be queued) and calls ``clear``.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, journal: DiskJournal | None = None) -> None:
         self.max_bytes = max_bytes
         self._items: deque[Item] = deque()
         self._pending: dict[tuple[str, str], Item] = {}
@@ -69,13 +167,90 @@ class SourceQueue:
         self._bytes = 0
         self.cond = threading.Condition()
         self.overflowed = False
+        self.exhausted_reason = ""
+        self.journal = journal
+        self._reader = JournalReader(journal) if journal is not None else None
+        self._disk_items = 0  # items held only on disk
+        self._disk_bytes = 0  # their record bytes (what DiskQueueMaxSize limits)
+        self._bloom = _Bloom()
+        self._sent: deque[tuple[int, int]] = deque()  # (first seq, item order), unacked
+        self._skip_through = 0  # reloaded items at or below this order were applied
+        self._reload_upto = 0  # items at or below this order come from before a restart
+        self.stats = {"spilled_items": 0, "refilled_items": 0, "dropped_stale": 0}
+        if journal is not None:
+            self._open_journal(journal)
 
-    # -- producers -------------------------------------------------------------
-    def _append(self, item: Item) -> bool:
+    # -- journal ---------------------------------------------------------------
+    def _open_journal(self, journal: DiskJournal) -> None:
+        last = 0
+
+        def scan(payload: bytes) -> int:
+            nonlocal last
+            item = Item.decode(payload)
+            last = max(last, item.order)
+            self._disk_items += 1
+            self._disk_bytes += len(payload) + 8
+            if item.lazy is not None and item.path:
+                self._bloom.add_path(item.path)
+            return item.order
+
+        journal.open(scan)
+        if not journal.trusted:
+            self._disk_items = self._disk_bytes = 0
+            self._bloom.reset()
+        self._reload_upto = last
+        self._order = itertools.count(max(last, journal.acked_order) + 1)
+
+    @property
+    def spilled(self) -> bool:
+        return self._disk_items > 0
+
+    @property
+    def reloaded(self) -> int:
+        """Items read back from logs written before this process started."""
+        return self.journal.reloaded_records if self.journal and self.journal.trusted else 0
+
+    def resume_from(self, last_item: int) -> None:
+        """The target reports it has applied every item up to ``last_item`` (from a
+        previous run of this service): replay only what follows."""
+        with self.cond:
+            self._skip_through = max(self._skip_through, min(last_item, self._reload_upto))
+
+    def _store(self, item: Item) -> bool:
+        """Write-through to the journal and keep in memory when it fits (FIFO: never
+        while older items are held only on disk)."""
         cost = item.cost()
-        if self._bytes + cost > self.max_bytes:
-            self.overflowed = True
-            return False
+        to_memory = not self.spilled and self._bytes + cost <= self.max_bytes
+        if self.journal is None:
+            if not to_memory:
+                self.overflowed = True
+                self.exhausted_reason = "memory queue limit (QMemoryBufferMax) reached"
+                return False
+        else:
+            payload = item.encode()
+            n = len(payload) + 8
+            if not self.journal.check_space(n, 0 if to_memory else self._disk_bytes):
+                self.overflowed = True
+                self.exhausted_reason = self.journal.exhausted_reason
+                return False
+            try:
+                self.journal.append(payload, item.order)
+            except OSError as exc:
+                self.overflowed = True
+                self.exhausted_reason = f"queue log write failed: {exc}"
+                return False
+            if not to_memory:
+                self._disk_items += 1
+                self._disk_bytes += n
+                self.stats["spilled_items"] += 1
+                if item.lazy is not None and item.path:
+                    self._bloom.add_path(item.path)
+                self.cond.notify_all()
+                return True
+            assert self._reader is not None
+            # The reader's position follows the writer while nothing is only on disk.
+            self._reader.file_index = len(self.journal.files) - 1
+            self._reader.offset = self.journal.files[-1].size
         self._items.append(item)
         self._bytes += cost
         if item.lazy is not None and item.lazy != LazyKind.MIRROR_END:
@@ -83,17 +258,68 @@ class SourceQueue:
         self.cond.notify_all()
         return True
 
+    def _refill(self) -> int:
+        """Move the oldest on-disk items into memory, up to the budget; returns the
+        number of records read."""
+        if self.journal is None or self._reader is None or not self.spilled:
+            return 0
+        n = 0
+        while self._bytes < self.max_bytes or not self._items:
+            payload = self._reader.next()
+            if payload is None:
+                break
+            n += 1
+            item = Item.decode(payload)
+            self._disk_items -= 1
+            self._disk_bytes -= len(payload) + 8
+            self.stats["refilled_items"] += 1
+            if item.order <= self._skip_through:
+                continue
+            if item.lazy == LazyKind.MIRROR_END and item.order <= self._reload_upto:
+                continue  # the mirror that queued it died with the previous process
+            self._items.append(item)
+            self._bytes += item.cost()
+            if item.lazy is not None and item.lazy != LazyKind.MIRROR_END:
+                old = self._pending.get((item.lazy, item.path))
+                if old is None or old.order < item.order:
+                    self._pending[(item.lazy, item.path)] = item
+        if self._disk_items <= 0 or n == 0:
+            # Caught up with the writer (n == 0 with items counted: a log was
+            # removed under us; never spin on a count that cannot be read).
+            self._disk_items = 0
+            self._disk_bytes = 0
+            self._bloom.reset()
+        return n
+
+    def _valid(self, item: Item) -> bool:
+        """Identity check for items read back from disk (see the module docstring)."""
+        if not item.from_disk or item.lazy is None or not item.path:
+            return True
+        if item.lazy == LazyKind.MIRROR_END:
+            return True
+        now = _ino(item.path)
+        if now == 0 or now == item.ino:
+            return True  # gone (the sender skips it) or the same file
+        self.stats["dropped_stale"] += 1
+        return False
+
+    # -- producers -------------------------------------------------------------
+    def _append(self, item: Item) -> bool:
+        return self._store(item)
+
     def put_lazy(self, kind: str, path: str, *, mode: str = "realtime", **meta: Any) -> bool:
         with self.cond:
+            ino = _ino(path) if self.journal is not None else 0
             old = self._pending.get((kind, path))
-            if old is not None and not old.cancelled:
+            if old is not None and not old.cancelled and old.ino == ino:
                 # Dedup: the queued item will read the latest state anyway. A stronger
                 # mirror mode (full/checksum) must not be downgraded to realtime.
                 if mode != "realtime":
                     old.mode = mode
                 old.meta.update(meta)
                 return True
-            return self._append(Item(next(self._order), lazy=kind, path=path, mode=mode, meta=meta))
+            item = Item(next(self._order), lazy=kind, path=path, mode=mode, meta=meta, ino=ino)
+            return self._append(item)
 
     def put_op(self, op: Op, **meta: Any) -> bool:
         with self.cond:
@@ -127,10 +353,17 @@ class SourceQueue:
                         path=new_path,
                         mode=item.mode,
                         meta=item.meta,
+                        ino=item.ino,
                     )
                 ):
                     return False
             return True
+
+    def disk_may_hold(self, path: str) -> bool:
+        """May items for ``path`` or below it be held only on disk? (Then a rename of
+        ``path`` must be followed by a re-send of its destination.)"""
+        with self.cond:
+            return self._bloom.may_hold(path)
 
     def put_marker(self, kind: str, **meta: Any) -> bool:
         with self.cond:
@@ -140,6 +373,8 @@ class SourceQueue:
     def get(self, timeout: float | None) -> Item | None:
         with self.cond:
             while True:
+                if self.spilled and self._bytes < self.max_bytes // 2 + 1:
+                    self._refill()
                 while self._items and self._items[0].cancelled:
                     dead = self._items.popleft()
                     self._bytes -= dead.cost()
@@ -148,28 +383,94 @@ class SourceQueue:
                     self._bytes -= item.cost()
                     if item.lazy is not None and self._pending.get((item.lazy, item.path)) is item:
                         del self._pending[(item.lazy, item.path)]
+                    if not self._valid(item):
+                        continue
                     return item
+                if self.spilled and self._refill():
+                    continue
                 if timeout is not None and timeout <= 0:
                     return None
                 if not self.cond.wait(timeout):
                     return None
                 timeout = 0 if timeout is not None else None
 
+    # -- acknowledgements (journal trimming) -----------------------------------
+    def note_sent(self, order: int, first_seq: int) -> None:
+        """The first op of item ``order`` got sequence number ``first_seq``."""
+        if self.journal is not None:
+            with self.cond:
+                self._sent.append((first_seq, order))
+
+    def acked(self, seq: int) -> None:
+        """The target applied every op up to ``seq``. An item is known complete once
+        the first op of the *next* item is acknowledged (one item of lag, replay-safe)."""
+        if self.journal is None or self._reader is None:
+            return
+        with self.cond:
+            done = 0
+            while self._sent and self._sent[0][0] <= seq:
+                done = self._sent.popleft()[1] - 1
+            if done > 0:
+                self.journal.release(done, reader=self._reader)
+
     def clear(self) -> None:
         with self.cond:
             self._items.clear()
             self._pending.clear()
             self._bytes = 0
+            self._disk_items = 0
+            self._disk_bytes = 0
+            self._sent.clear()
+            self._bloom.reset()
+            if self.journal is not None and self._reader is not None:
+                self.journal.clear(self._reader)
             self.overflowed = False
             self.cond.notify_all()
 
+    def close(self, *, clean: bool = True) -> None:
+        """Service stop: keep the logs for the next start (memory is in them already)."""
+        with self.cond:
+            if self.journal is not None:
+                self.journal.close(clean=clean)
+
+    def discard(self) -> None:
+        """The connection is removed: delete its logs."""
+        with self.cond:
+            self._items.clear()
+            self._pending.clear()
+            self._bytes = 0
+            self._disk_items = self._disk_bytes = 0
+            if self.journal is not None:
+                self.journal.discard()
+
     def __len__(self) -> int:
         with self.cond:
-            return sum(1 for it in self._items if not it.cancelled)
+            return sum(1 for it in self._items if not it.cancelled) + self._disk_items
 
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of items held only on disk (the seed's "Disk Queue (Bytes)")."""
+        return self._disk_bytes
+
+    def figures(self) -> dict[str, Any]:
+        with self.cond:
+            return {
+                "memory_items": sum(1 for it in self._items if not it.cancelled),
+                "memory_bytes": self._bytes,
+                "memory_max_bytes": self.max_bytes,
+                "disk_items": self._disk_items,
+                "disk_bytes": self._disk_bytes,
+                "disk_max_bytes": self.journal.max_bytes if self.journal else 0,
+                "log_files": len(self.journal.files) if self.journal else 0,
+                "log_bytes": self.journal.total_bytes if self.journal else 0,
+                "reloaded_items": self.reloaded,
+                "exhausted_reason": self.exhausted_reason or None,
+                **self.stats,
+            }
 
     def notify(self) -> None:
         with self.cond:

@@ -1,0 +1,311 @@
+"""Source queue: memory/disk FIFO, spill and reload, limits, restart, dedup semantics."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from dtake.ops import Op, OpKind
+from dtake.service import diskqueue
+from dtake.service.diskqueue import DiskJournal
+from dtake.service.queue import Item, LazyKind, SourceQueue
+
+MB = 1024 * 1024
+
+
+def fake_statvfs(free: int) -> Any:
+    def statvfs(_path: str) -> Any:
+        return SimpleNamespace(f_bavail=free // 4096, f_frsize=4096)
+
+    return statvfs
+
+
+def journal(
+    folder: str,
+    *,
+    max_bytes: int | None = None,
+    free_min: int = 0,
+    free: int = 10**12,
+    log_size: int = diskqueue.LOG_SIZE,
+) -> DiskJournal:
+    return DiskJournal(
+        folder,
+        "127.0.0.1_6320_1_abcdef012345",
+        max_bytes=max_bytes,
+        free_min_bytes=free_min,
+        log_size=log_size,
+        statvfs=fake_statvfs(free),
+    )
+
+
+def drain(q: SourceQueue) -> list[Item]:
+    out = []
+    while (it := q.get(timeout=0)) is not None:
+        out.append(it)
+    return out
+
+
+def ops(q: SourceQueue, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        assert q.put_op(Op(OpKind.DELETE, f"f{i:05}"))
+
+
+def names(items: list[Item]) -> list[str]:
+    return [it.op.path if it.op else it.path for it in items]
+
+
+def test_memory_only_queue_refuses_when_full() -> None:
+    q = SourceQueue(2000)
+    n = 0
+    while q.put_op(Op(OpKind.DELETE, f"x{n}")):
+        n += 1
+    assert 0 < n < 30 and q.overflowed
+    assert "QMemoryBufferMax" in q.exhausted_reason
+    assert len(drain(q)) == n
+
+
+def test_fifo_across_memory_disk_boundary(tmp_path: Any) -> None:
+    q = SourceQueue(4000, journal=journal(str(tmp_path)))
+    ops(q, 500)
+    f = q.figures()
+    assert f["disk_items"] > 400 and f["memory_bytes"] <= 4000, f
+    assert q.spilled
+    # Consume part, add more while still spilled: they must come after the disk items.
+    first = [q.get(timeout=0) for _ in range(100)]
+    ops(q, 200, start=500)
+    rest = drain(q)
+    got = names([it for it in first if it]) + names(rest)
+    assert got == [f"f{i:05}" for i in range(700)]
+    assert not q.spilled and len(q) == 0
+
+
+def test_logs_roll_and_records_are_never_split(tmp_path: Any) -> None:
+    j = journal(str(tmp_path), log_size=4096)
+    q = SourceQueue(1000, journal=j)
+    ops(q, 200)
+    big = Op(OpKind.DELETE, "b" * 9000)  # bigger than a log: gets one of its own
+    assert q.put_op(big)
+    files = j.existing()
+    assert len(files) >= 4  # ~9 KB of small records in 4 KiB logs + the big one
+    sizes = [os.path.getsize(p) for _, p in files]
+    assert max(sizes) > 9000 and sorted(sizes)[-2] <= 4096
+    assert names(drain(q))[-1] == "b" * 9000
+
+
+def test_disk_max_size_is_exhausted(tmp_path: Any) -> None:
+    q = SourceQueue(2000, journal=journal(str(tmp_path), max_bytes=20_000))
+    n = 0
+    while q.put_op(Op(OpKind.DELETE, f"f{n:05}")):
+        n += 1
+        assert n < 10_000
+    assert q.overflowed and "DiskQueueMaxSize" in q.exhausted_reason
+    assert q.disk_bytes <= 20_000
+    assert len(drain(q)) == n  # what was accepted is all there, in order
+
+
+def test_free_space_floor_is_never_crossed(tmp_path: Any) -> None:
+    free = {"bytes": 60 * MB}
+
+    def statvfs(_p: str) -> Any:
+        return SimpleNamespace(f_bavail=free["bytes"] // 4096, f_frsize=4096)
+
+    j = DiskJournal(str(tmp_path), "h_1_1_x", max_bytes=None, free_min_bytes=50 * MB,
+                    statvfs=statvfs)
+    q = SourceQueue(1000, journal=j)
+    ops(q, 100)
+    assert not q.overflowed
+    free["bytes"] = 50 * MB + 100  # the volume filled up behind our back
+    ok = True
+    for i in range(5000):  # statvfs is re-read at least every 64 KiB and near the floor
+        ok = q.put_op(Op(OpKind.DELETE, f"g{i}"))
+        if not ok:
+            break
+    assert not ok and "DiskFreeSpaceMin" in q.exhausted_reason
+
+
+def test_restart_reload_after_clean_stop(tmp_path: Any) -> None:
+    q = SourceQueue(3000, journal=journal(str(tmp_path)))
+    ops(q, 300)
+    assert [it.op.path for it in [q.get(timeout=0)] if it and it.op] == ["f00000"]
+    q.close(clean=True)
+    q2 = SourceQueue(3000, journal=journal(str(tmp_path)))
+    assert q2.journal is not None and q2.journal.trusted
+    assert q2.reloaded == 300
+    got = names(drain(q2))
+    # Not acknowledged, so f00000 is replayed too (at-least-once, replay-safe).
+    assert got == [f"f{i:05}" for i in range(300)]
+
+
+def test_restart_after_kill_same_boot_is_trusted(tmp_path: Any) -> None:
+    q = SourceQueue(3000, journal=journal(str(tmp_path)))
+    ops(q, 50)
+    del q  # no close(): a kill -9 leaves clean=false, but the page cache survived
+    q2 = SourceQueue(3000, journal=journal(str(tmp_path)))
+    assert q2.journal is not None and q2.journal.trusted
+    # The target says it applied items 1..20: replay starts after them.
+    q2.resume_from(20)
+    assert names(drain(q2)) == [f"f{i:05}" for i in range(20, 50)]
+    # New items continue the numbering after the reloaded ones.
+    assert q2.put_op(Op(OpKind.DELETE, "new"))
+    it = q2.get(timeout=0)
+    assert it is not None and it.order == 51
+
+
+def test_restart_after_host_crash_is_not_trusted(tmp_path: Any, monkeypatch: Any) -> None:
+    q = SourceQueue(3000, journal=journal(str(tmp_path)))
+    ops(q, 50)
+    monkeypatch.setattr(diskqueue, "boot_id", lambda: "another-boot")
+    q2 = SourceQueue(3000, journal=journal(str(tmp_path)))
+    assert q2.journal is not None and not q2.journal.trusted
+    assert len(q2) == 0 and q2.journal.existing() == []
+
+
+def test_torn_record_is_not_trusted(tmp_path: Any) -> None:
+    j = journal(str(tmp_path))
+    q = SourceQueue(1000, journal=j)
+    ops(q, 20)
+    q.close(clean=True)
+    path = j.existing()[-1][1]
+    with open(path, "ab") as fh:
+        fh.write(b"\x40\x00\x00\x00garbage")
+    q2 = SourceQueue(1000, journal=journal(str(tmp_path)))
+    assert q2.journal is not None and not q2.journal.trusted and len(q2) == 0
+
+
+def test_acks_trim_logs(tmp_path: Any) -> None:
+    j = journal(str(tmp_path), log_size=2048)
+    q = SourceQueue(100_000, journal=j)
+    ops(q, 300)
+    before = len(j.existing())
+    seq = 0
+    for it in drain(q):
+        seq += 1
+        q.note_sent(it.order, seq)
+    q.acked(seq)
+    assert len(j.existing()) < before
+    assert len(j.existing()) <= 2  # only the log(s) with the last, unconfirmed item
+    assert j.acked_order == 299
+
+
+def test_stale_marker_from_dead_mirror_is_dropped(tmp_path: Any) -> None:
+    q = SourceQueue(3000, journal=journal(str(tmp_path)))
+    q.put_marker(LazyKind.MIRROR_END, mode="differences")
+    ops(q, 3)
+    q.close(clean=True)
+    q2 = SourceQueue(3000, journal=journal(str(tmp_path)))
+    assert [it.lazy for it in drain(q2)] == [None, None, None]
+
+
+def test_dedup_and_rename_in_memory(tmp_path: Any) -> None:
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "a").write_text("1")
+    q = SourceQueue(MB, journal=journal(str(tmp_path / "q")))
+    a, b = str(d / "a"), str(d / "b")
+    assert q.put_lazy(LazyKind.CONTENT, a)
+    assert q.put_lazy(LazyKind.CONTENT, a)  # dedup: same file
+    assert len(q) == 1
+    os.rename(a, b)
+    assert not q.disk_may_hold(a)  # nothing on disk: the in-memory index is enough
+    assert q.put_rename(a, b, Op(OpKind.RENAME, "a", new_path="b"))
+    got = drain(q)
+    assert [(it.lazy, os.path.basename(it.path) if it.lazy else it.op and it.op.kind) for it in got] == [
+        (None, OpKind.RENAME),
+        (LazyKind.CONTENT, "b"),
+    ]
+
+
+def test_dedup_does_not_merge_a_replaced_file(tmp_path: Any) -> None:
+    d = tmp_path / "src"
+    d.mkdir()
+    a = str(d / "a")
+    open(a, "w").close()
+    q = SourceQueue(MB, journal=journal(str(tmp_path / "q")))
+    assert q.put_lazy(LazyKind.CONTENT, a)
+    os.rename(a, str(d / "keep"))  # keeps the inode busy so the new one differs
+    open(a, "w").close()  # a new file under the same name
+    assert q.put_lazy(LazyKind.CONTENT, a)
+    assert len(q) == 2  # the journal must not depend on an in-memory merge
+
+
+def test_disk_items_are_checked_by_identity_after_a_rename(tmp_path: Any) -> None:
+    d = tmp_path / "src"
+    d.mkdir()
+    paths = []
+    for i in range(200):
+        p = d / f"f{i:03}"
+        p.write_text(str(i))
+        paths.append(str(p))
+    q = SourceQueue(3000, journal=journal(str(tmp_path / "q")))
+    for p in paths:
+        assert q.put_lazy(LazyKind.CONTENT, p)
+    assert q.spilled
+    victim = paths[150]  # held only on disk
+    assert q.disk_may_hold(victim) and q.disk_may_hold(str(d))
+    os.rename(victim, str(d / "moved"))
+    open(victim, "w").close()  # a new file takes the old name
+    # The caller re-sends the destination after the rename because disk may hold it.
+    assert q.put_rename(victim, str(d / "moved"), Op(OpKind.RENAME, "f150", new_path="moved"))
+    assert q.put_lazy(LazyKind.CONTENT, str(d / "moved"))
+    assert q.put_lazy(LazyKind.CONTENT, victim)
+    got = drain(q)
+    lazy_paths = [os.path.basename(it.path) for it in got if it.lazy]
+    # The stale item for the old f150 (another inode now) was dropped; the new file
+    # and the moved one come after the rename.
+    assert lazy_paths.count("f150") == 1
+    assert lazy_paths[-2:] == ["moved", "f150"]
+    assert q.stats["dropped_stale"] == 1
+    kinds = [it.op.kind for it in got if it.op]
+    assert kinds == [OpKind.RENAME]
+
+
+def test_delete_cancels_memory_items_and_disk_items_vanish(tmp_path: Any) -> None:
+    d = tmp_path / "src"
+    d.mkdir()
+    q = SourceQueue(2500, journal=journal(str(tmp_path / "q")))
+    files = []
+    for i in range(100):
+        p = d / f"f{i:03}"
+        p.write_text("x")
+        files.append(str(p))
+        assert q.put_lazy(LazyKind.CONTENT, str(p))
+    for p in files:
+        os.unlink(p)
+        assert q.put_delete(p, Op(OpKind.DELETE, os.path.basename(p)))
+    got = drain(q)
+    # Memory items were cancelled; items read back from disk name missing files and
+    # are passed on (the sender skips a vanished path); deletes are all there, in order.
+    assert [it.op.path for it in got if it.op] == [os.path.basename(p) for p in files]
+    assert len([it for it in got if it.lazy]) < 100
+
+
+def test_clear_removes_logs(tmp_path: Any) -> None:
+    j = journal(str(tmp_path))
+    q = SourceQueue(1000, journal=j)
+    ops(q, 100)
+    q.clear()
+    assert len(q) == 0 and j.existing() == [] and not q.spilled
+    ops(q, 3, start=100)
+    assert names(drain(q)) == ["f00100", "f00101", "f00102"]
+
+
+@pytest.mark.parametrize("memory", [500, 5000, 50_000])
+def test_interleaved_produce_consume_keeps_order(tmp_path: Any, memory: int) -> None:
+    q = SourceQueue(memory, journal=journal(str(tmp_path), log_size=8192))
+    expected, got = [], []
+    n = 0
+    for round_ in range(40):
+        for _ in range(round_ % 7 * 13):
+            q.put_op(Op(OpKind.DELETE, f"f{n:05}"))
+            expected.append(f"f{n:05}")
+            n += 1
+        for _ in range(round_ % 5 * 11):
+            it = q.get(timeout=0)
+            if it is None:
+                break
+            got.append(it.op.path if it.op else "")
+    got += names(drain(q))
+    assert got == expected
