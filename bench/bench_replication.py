@@ -54,12 +54,14 @@ from bench.common import (
     Graveyard,
     Row,
     RssSampler,
+    cpu_delta,
     machine_info,
     percentile,
     render_table,
     stop_pid,
     summary,
     sync_fs,
+    thread_cpu,
     write_json,
 )
 from dtake.protocol.auth import generate_key_file
@@ -278,6 +280,7 @@ class DtakePair:
     run: int
     a: ServiceProcess = field(init=False)
     b: ServiceProcess = field(init=False)
+    last_cpu: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         base = os.path.join(self.work, "dtake", f"run{self.run}")
@@ -345,10 +348,20 @@ class DtakePair:
         self.a.call("wait", con_id=cid, timeout_s=timeout)
         return first, time.monotonic() - t0
 
+    def pids(self) -> tuple[int, int]:
+        return (self.a.proc.pid if self.a.proc else 0, self.b.proc.pid if self.b.proc else 0)
+
     def timed_mirror(self, cid_factory: Callable[[], int]) -> tuple[int, float, float]:
+        sp, tp = self.pids()
+        before = thread_cpu(sp), thread_cpu(tp)
         t0 = time.monotonic()
         cid = cid_factory()
         first, confirmed = self.until_idle(cid, t0)
+        self.last_cpu = {
+            "wall_s": round(first, 3),
+            "source_threads_s": cpu_delta(before[0], thread_cpu(sp)),
+            "target_threads_s": cpu_delta(before[1], thread_cpu(tp)),
+        }
         return cid, first, confirmed
 
 
@@ -530,7 +543,10 @@ class Bench:
                     "source_samples_kib": src_rss.samples_kib[:: max(1, len(src_rss.samples_kib) // 200)],
                 }
             )  # fmt: skip
-            self.res.conn_stats.append({"big": pair.conn_status(cid)["stats"], "run": r})
+            self.res.conn_stats.append(
+                {"big": pair.conn_status(cid)["stats"], "run": r, "cpu": pair.last_cpu}
+            )
+            log(f"run {r}: big dtake CPU {_cpu_line(pair.last_cpu)}")
             pair.a.call("disconnect", con_id=cid)
             log(f"run {r}: big dtake {first:.2f}s (confirmed {confirmed:.2f}s)")
 
@@ -564,7 +580,10 @@ class Bench:
             self.res.small_dtake.append(first)
             self.res.small_dtake_confirmed.append(confirmed)
             self.res.rss_small.append({"source_peak_kib": src_rss.peak_kib})
-            self.res.conn_stats.append({"small": pair.conn_status(cid)["stats"], "run": r})
+            self.res.conn_stats.append(
+                {"small": pair.conn_status(cid)["stats"], "run": r, "cpu": pair.last_cpu}
+            )
+            log(f"run {r}: small dtake CPU {_cpu_line(pair.last_cpu)}")
             pair.a.call("disconnect", con_id=cid)
             log(f"run {r}: small dtake {first:.2f}s (confirmed {confirmed:.2f}s)")
 
@@ -590,7 +609,10 @@ class Bench:
                     )
                 self.res.diff_dtake.append(first)
                 self.res.diff_dtake_confirmed.append(confirmed)
-                self.res.conn_stats.append({"diff": pair.conn_status(cid)["stats"], "run": r})
+                self.res.conn_stats.append(
+                    {"diff": pair.conn_status(cid)["stats"], "run": r, "cpu": pair.last_cpu}
+                )
+                log(f"run {r}: diff dtake CPU {_cpu_line(pair.last_cpu)}")
                 pair.a.call("disconnect", con_id=cid)
                 log(f"run {r}: diff dtake {first:.3f}s ({len(changed)} files changed)")
 
@@ -645,6 +667,15 @@ class Bench:
             f()
         for d in (dst_d, dst_l, src_d, src_l):
             self.grave.bury(d)
+
+
+def _cpu_line(c: dict[str, Any]) -> str:
+    src, dst = c["source_threads_s"], c["target_threads_s"]
+    top = lambda d: ", ".join(f"{v:.2f}" for v in list(d.values())[:3])  # noqa: E731
+    return (
+        f"source {sum(src.values()):.2f} s (threads {top(src)}), "
+        f"target {sum(dst.values()):.2f} s (threads {top(dst)}) in {c['wall_s']:.2f} s wall"
+    )
 
 
 def _lat_line(res: dict[str, Any]) -> str:

@@ -24,12 +24,14 @@ __all__ = [
     "Graveyard",
     "Row",
     "RssSampler",
+    "cpu_delta",
     "machine_info",
     "percentile",
     "render_table",
     "stop_pid",
     "summary",
     "sync_fs",
+    "thread_cpu",
     "timed",
     "write_json",
 ]
@@ -225,6 +227,34 @@ class RssSampler:
     @property
     def peak_kib(self) -> int:
         return max(self.samples_kib, default=0)
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) per thread of ``pid``, keyed ``"<comm>/<tid>"``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        out[f"{comm}/{tid}"] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def cpu_delta(
+    before: dict[str, float], after: dict[str, float], min_s: float = 0.01
+) -> dict[str, float]:
+    """Per-thread CPU seconds spent between two ``thread_cpu`` snapshots (busy ones only)."""
+    d = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in d.items() if v >= min_s), key=lambda kv: -kv[1]))
 
 
 # ----------------------------------------------------------------------------- trees
