@@ -62,6 +62,8 @@ class ServiceConfig:
     reconnect_interval_s: float = 2.0
     queue: QueueConfig = field(default_factory=QueueConfig)
     source_file: str | None = None
+    # Snapshots, orphans, verification log, log rotation, metrics (dtake.service.datafeatures).
+    data_safety: dict[str, Any] = field(default_factory=dict)
 
     def target_path_allowed(self, path: str) -> bool:
         real = os.path.normpath(path)
@@ -129,6 +131,7 @@ def load_config(path: str) -> ServiceConfig:
         "auto_reconnect",
         "auto_remirror",
         "reconnect_interval_s",
+        "data_safety",
     ):
         if key in raw:
             setattr(cfg, key, raw[key])

@@ -109,7 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="differences",
         choices=["full", "differences", "checksum", "newer", "none"],
     )
-    s.add_argument("--orphans", default="off", choices=["off", "log", "delete"])
+    s.add_argument("--orphans", default="off", choices=["off", "log", "delete", "move"])
+    s.add_argument(
+        "--orphans-age",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="only orphans not modified within this many seconds",
+    )
+    s.add_argument(
+        "--block", action="store_true", help="target path read-only for others while connected"
+    )
     s.add_argument("--compression", default="none", choices=["none", "zlib", "zstd"])
     s.add_argument("--level", type=int, default=None, help="compression level")
 
@@ -157,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Feature modules add subcommands without touching this file: each module in
 # EXTENSIONS defines add_parsers(subparsers, common) and
 # run(args, client) -> int | None (None: not my command).
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("dtake.cli.data",)
 
 
 def _extensions() -> list[Any]:
@@ -283,6 +293,8 @@ def _run(args: argparse.Namespace) -> int:
                 orphans=args.orphans,
                 compression=args.compression,
                 compression_level=args.level,
+                block=args.block,
+                orphans_age_s=args.orphans_age,
             )
             _print(r, args, str(r["id"]))
         elif args.cmd == "disconnect":

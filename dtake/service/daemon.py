@@ -32,7 +32,7 @@ log = logging.getLogger("dtake")
 # Feature modules: each defines install(svc) -> object, called at start before the
 # connections are restored; it may register control commands (svc.register) and keep
 # its object in svc.features[name].
-FEATURES: tuple[str, ...] = ()
+FEATURES: tuple[str, ...] = ("dtake.service.datafeatures",)
 
 TEMP_MARK = ".dtake-"  # target temp files: ".<name>.dtake-<token>" (dtake.service.apply)
 
@@ -207,6 +207,9 @@ class Service:
     def data_state_changed(self, conn: Connection, old: str, new: str) -> None:
         """Hook for target data state transitions (snapshots before good->bad, events)."""
         log.info("connection %d: target data state %s -> %s", conn.rec.id, old, new)
+        from dtake.service.datastate import notify_target
+
+        notify_target(self, conn, old, new)  # event 4065 + the target's own copy of it
 
     # ------------------------------------------------------------------ persistence
     def save_repsets(self) -> None:
@@ -301,11 +304,13 @@ class Service:
         orphans: str = "off",
         compression: str = "none",
         compression_level: int | None = None,
+        block: bool = False,
+        orphans_age_s: float = 0.0,
     ) -> dict[str, Any]:
         if mirror not in MIRROR_MODES:
             raise DtakeError(E.INVALID_OPTION, f"mirror must be one of {', '.join(MIRROR_MODES)}")
-        if orphans not in ("off", "log", "delete"):
-            raise DtakeError(E.INVALID_OPTION, "orphans must be off, log or delete")
+        if orphans not in ("off", "log", "delete", "move"):
+            raise DtakeError(E.INVALID_OPTION, "orphans must be off, log, delete or move")
         if compression not in ("none", "zlib", "zstd"):
             raise DtakeError(E.INVALID_OPTION, "compression must be none, zlib or zstd")
         if not target_path.startswith("/"):
@@ -338,6 +343,8 @@ class Service:
                 target_path=os.path.normpath(target_path),
                 mirror=mirror,
                 orphans=orphans,
+                orphans_age_s=float(orphans_age_s),
+                block=bool(block),
                 compression=compression,
                 compression_level=compression_level,
                 target_data_state="Mirror Required" if mirror != "none" else "OK",
@@ -356,6 +363,9 @@ class Service:
         with self._lock:
             c = self._conn(con_id)
             del self.connections[c.rec.id]
+        from dtake.service.datafeatures import before_disconnect
+
+        before_disconnect(self, c)  # the target unblocks its path [L5005]
         c.stop()
         self.save_connections()
         self.events.emit(4017, target=c.label, repset=c.rec.repset, con_id=c.rec.id)
@@ -365,7 +375,8 @@ class Service:
         c = self._conn(con_id)
         if action == "start":
             c.start_mirror(
-                mode or c.rec.mirror if (mode or c.rec.mirror) != "none" else "differences"
+                mode or c.rec.mirror if (mode or c.rec.mirror) != "none" else "differences",
+                override=True,  # a user's mirror overrides Restore Required [L5618]
             )
         elif action == "stop":
             c.stop_mirror()

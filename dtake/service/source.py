@@ -29,6 +29,8 @@ import xxhash
 from dtake.errors import DtakeError, E
 from dtake.ops import Op, OpKind
 from dtake.rules import RuleSet
+from dtake.service import datastate
+from dtake.service.datastate import DataEvent
 from dtake.service.queue import Item, LazyKind, SourceQueue
 
 if TYPE_CHECKING:
@@ -66,6 +68,8 @@ class ConnRecord:
     target_data_state: str = "Mirror Required"
     transmit: str = "Started"  # user intent: Started | Stopped | Paused
     auto_reconnect: bool = True
+    block: bool = False  # block the target path while connected [L5001]
+    orphans_age_s: float = 0.0  # only orphans not modified within this [L5094]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +117,10 @@ class Connection:
         self.mirror_end_seq: int | None = None
         self.mirror_queued_done = False
         self.replication = "Replicating"
+        # Why the data state last changed, and what the target must do (datastate.py).
+        self.data_state_reason = ""
+        self.data_state_snapshot = False
+        self.data_state_override = False
         self._needs_resync = False
         self._sigs: dict[str, tuple[int, list[int]]] = {}
         self._sig_blocks = 0
@@ -255,9 +263,9 @@ class Connection:
         self.queue.clear()
         self._sigs.clear()
         self._sig_blocks = 0
-        self.set_data_state("Mirror Required")
+        datastate.source_event(self, DataEvent.OPS_LOST, why)
         self.replication = "Pending"
-        if self.svc.cfg.auto_remirror:
+        if self.svc.cfg.auto_remirror and self.rec.target_data_state not in datastate.HOLD:
             self.stats["remirrors"] += 1
             self.start_mirror("differences", restart=True)
 
@@ -270,9 +278,14 @@ class Connection:
             self.svc.data_state_changed(self, old, value)
 
     # ------------------------------------------------------------------ mirror
-    def start_mirror(self, mode: str, *, restart: bool = False) -> None:
+    def start_mirror(self, mode: str, *, restart: bool = False, override: bool = False) -> None:
+        """``override``: a user's mirror, which also overrides Restore Required [L5618]."""
         if mode not in MIRROR_MODES or mode == "none":
             raise DtakeError(E.INVALID_OPTION, f"unknown mirror mode {mode!r}")
+        if self.rec.target_data_state in datastate.HOLD and not override:
+            self.replication = "Pending"
+            self.svc.events.emit(4018, what=f"Mirror of connection {self.rec.id}")
+            return
         with self._lock:
             running = self._mirror_thread is not None and self._mirror_thread.is_alive()
             if running and not restart:
@@ -290,8 +303,9 @@ class Connection:
             self.mirror_sent = 0
             self.mirror_end_seq = None
             self.mirror_queued_done = False
-            if self.rec.target_data_state in ("OK", "Mirror Required", "Mirroring"):
-                self.set_data_state("Mirroring")
+            datastate.source_event(
+                self, DataEvent.MIRROR_OVERRIDE if override else DataEvent.MIRROR_STARTED
+            )
             t = threading.Thread(
                 target=self._mirror_run,
                 args=(mode, self._mirror_cancel),
@@ -311,8 +325,7 @@ class Connection:
             self._mirror_pause.clear()
             self.mirror_status = "Idle"
             self.mirror_end_seq = None
-        if self.rec.target_data_state == "Mirroring":
-            self.set_data_state("Mirror Required")
+        datastate.source_event(self, DataEvent.MIRROR_STOPPED)
         self.svc.events.emit(90, con_id=self.rec.id)
         self.svc.events.emit(4022, target=self.label, repset=self.rec.repset, con_id=self.rec.id)
 
@@ -347,7 +360,7 @@ class Connection:
             self.last_error = f"mirror failed: {exc}"
             if not cancel.is_set():
                 self.mirror_status = "Idle"
-                self.set_data_state("Mirror Required")
+                datastate.source_event(self, DataEvent.MIRROR_STOPPED, str(exc))
 
     def _wait_connected(self, cancel: threading.Event) -> bool:
         while not cancel.is_set() and not self._stop.is_set():
@@ -404,18 +417,10 @@ class Connection:
             )
             if not ok:
                 raise _Gap()
-        if self.rec.orphans != "off":
-            orphans = sorted((p for p in target if p not in seen), key=len)
-            removed: list[str] = []
-            for p in orphans:
-                if any(p.startswith(x + "/") for x in removed):
-                    continue
-                if not self.rules.matches(os.path.join(self.base, p), is_dir=target[p][0] == "d"):
-                    continue
-                if self.rec.orphans == "delete":
-                    self.queue.put_op(Op(OpKind.DELETE, p))
-                    removed.append(p)
-                log.info("connection %d: orphan %s (%s)", self.rec.id, p, self.rec.orphans)
+        if self.rec.orphans != "off" and not cancel.is_set():
+            from dtake.service.orphans import process_orphans
+
+            process_orphans(self, target, seen)  # [L5064-5095]
         if not cancel.is_set():
             self.mirror_queued_done = True
             self.queue.put_marker(LazyKind.MIRROR_END, mode=mode)
@@ -475,7 +480,7 @@ class Connection:
                     if not self._connect():
                         self._stop.wait(self.svc.cfg.reconnect_interval_s)
                     continue
-                if self.rec.transmit == "Paused":
+                if self.rec.transmit == "Paused" or self.rec.target_data_state in datastate.HOLD:
                     self._flush_batch()
                     time.sleep(0.1)
                     continue
@@ -531,6 +536,7 @@ class Connection:
                     "target_path": self.rec.target_path,
                     "source_node": self.svc.node_id,
                     "source_base": self.base,
+                    **datastate.open_fields(self),
                 },
             )
             mtype, resp = fs.recv_obj(timeout=30)
@@ -546,6 +552,7 @@ class Connection:
             self._set_error(f"Connection failed: {exc}")
             return False
         target_last = int(resp.get("last_seq", 0))
+        datastate.on_open_response(self, resp)
         self._codec = get_codec(self.rec.compression, self.rec.compression_level)
         with self._lock:
             gap = False
@@ -647,14 +654,13 @@ class Connection:
             self._ack_cond.notify_all()
         for f in failed:
             self.svc.events.emit(4150, path=str(f.get("path")), error=str(f.get("error")))
-            self.set_data_state("Mirror Required")
+            datastate.source_event(self, DataEvent.WRITE_DROPPED, str(f.get("path")))
 
     def _mirror_done(self) -> None:
         self.mirror_status = "Idle"
         self.mirror_end_seq = None
         self.mirror_mode_running = None
-        if self.rec.target_data_state in ("Mirroring", "Mirror Required"):
-            self.set_data_state("OK")
+        datastate.source_event(self, DataEvent.MIRROR_COMPLETE)
         if self.replication == "Pending":
             self.replication = "Replicating"
         self.svc.events.emit(93, con_id=self.rec.id)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtake.errors import E
 from dtake.ops import Op
+from dtake.service.datafeatures import peer_request, target_opened, target_root, write_dropped
 
 if TYPE_CHECKING:
     from dtake.service.apply import TargetTree
@@ -27,6 +28,8 @@ __all__ = ["TargetServer", "TargetState"]
 log = logging.getLogger("dtake.target")
 
 SCAN_CHUNK = 2000
+# In-band requests answered by dtake.service.datafeatures (data state, close, orphans, read).
+PEER_OPS = frozenset({"data_state", "close", "orphans", "read"})
 
 
 @dataclass
@@ -44,6 +47,11 @@ class TargetState:
     bytes_applied: int = 0
     failures: int = 0
     connected: bool = False
+    # Target data state of this copy (dtake.service.datastate), persisted write-ahead.
+    data_state: str = "Mirror Required"
+    data_state_reason: str = ""
+    block: bool = False
+    session: Any = None  # the live FrameSocket (a snapshot revert ends the session)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +62,9 @@ class TargetState:
             "conn_id": self.conn_id,
             "epoch": self.epoch,
             "last_seq": self.last_seq,
+            "data_state": self.data_state,
+            "data_state_reason": self.data_state_reason,
+            "block": self.block,
         }
 
 
@@ -75,6 +86,9 @@ class TargetServer:
                 conn_id=int(d.get("conn_id", 0)),
                 epoch=d.get("epoch", ""),
                 last_seq=int(d.get("last_seq", 0)),
+                data_state=str(d.get("data_state", "Mirror Required")),
+                data_state_reason=str(d.get("data_state_reason", "")),
+                block=bool(d.get("block", False)),
             )
             self.states[st.uuid] = st
 
@@ -171,7 +185,11 @@ class TargetServer:
         if state is None:
             fs.send_obj(MsgType.RESPONSE, {"id": 0, "error": err, "code": E.TARGET_PATH_REFUSED})
             return None
-        fs.send_obj(MsgType.RESPONSE, {"id": 0, "last_seq": state.last_seq, "more": False})
+        state.session = fs
+        fs.send_obj(
+            MsgType.RESPONSE,
+            {"id": 0, "last_seq": state.last_seq, "data_state": state.data_state, "more": False},
+        )
         tree = state.tree
         assert tree is not None
         while True:
@@ -183,10 +201,16 @@ class TargetServer:
                         op = Op.from_wire(item)
                         if op.seq <= state.last_seq:
                             continue  # already applied (resent after a reconnect)
+                        if state.data_state in ("Restore Required", "Snapshot Reverted"):
+                            # [L5618-5621]: held until a restore or a user mirror; the
+                            # source holds too once it has learnt the state.
+                            state.last_seq = op.seq
+                            continue
                         try:
                             tree.apply(op)
                         except Exception as exc:
                             # [L4150]: the op is dropped and the target needs a mirror.
+                            write_dropped(self.svc, state, op.path, exc)
                             state.failures += 1
                             failed.append({"seq": op.seq, "path": op.path, "error": str(exc)})
                             log.warning("apply %s %s failed: %s", op.kind.name, op.path, exc)
@@ -197,7 +221,7 @@ class TargetServer:
                 self._persist_position(state)
                 fs.send_obj(MsgType.ACK, {"seq": seq, "failed": failed})
             elif mtype == MsgType.REQUEST:
-                self._answer(fs, tree, obj)
+                self._answer(fs, tree, obj, state)
             elif mtype == MsgType.PING:
                 fs.send_obj(MsgType.PONG, {})
             else:
@@ -232,9 +256,10 @@ class TargetServer:
                     st.tree.close()
                     st.tree = None
             if st.tree is None:
-                st.tree = TargetTree(path)
+                st.tree = TargetTree(target_root(self.svc, st, req))  # blocked: fd path
                 st.tree.cleanup_temp()
             st.connected = True
+        target_opened(self.svc, st, req)  # block the path, adopt the data state
         self.save()
         return st, ""
 
@@ -248,7 +273,9 @@ class TargetServer:
             self._last_save = now
             self.save()
 
-    def _answer(self, fs: Any, tree: TargetTree, req: dict[str, Any]) -> None:
+    def _answer(
+        self, fs: Any, tree: TargetTree, req: dict[str, Any], state: TargetState | None = None
+    ) -> None:
         from dtake.protocol.framing import MsgType
 
         rid = req.get("id")
@@ -290,6 +317,9 @@ class TargetServer:
                     )
                 except FileNotFoundError:
                     fs.send_obj(MsgType.RESPONSE, {"id": rid, "exists": False, "more": False})
+            elif state is not None and op in PEER_OPS:
+                res = peer_request(self.svc, state, tree, req)
+                fs.send_obj(MsgType.RESPONSE, {"id": rid, **res, "more": False})
             else:
                 fs.send_obj(
                     MsgType.RESPONSE,

@@ -2,14 +2,25 @@
 
 By attributes (type, size, mtime, mode, owner, link target) or, with ``checksum``, by
 block hashes of every regular file. With ``remirror`` the differing files are queued
-again (a difference mirror restricted to what verification found).
+again (a difference mirror restricted to what verification found), optionally only when
+the source file is newer [L5276]. Orphans are processed as on a mirror [L5068].
+
+Every verification appends to the source's verification log in the seed's format
+[L5319-5393] (``<folder>/<RS name> DTVerify.log``, at most ``max_bytes``: once full,
+nothing more is logged; ``append`` off overwrites it per run) — see
+:func:`format_report`. :class:`VerifyScheduler` runs scheduled verifications (start
+time + reverification interval [L5278-5299]) with an injectable clock.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -19,9 +30,162 @@ from dtake.service.queue import LazyKind
 from dtake.service.source import BLOCK
 
 if TYPE_CHECKING:
+    from dtake.service.daemon import Service
     from dtake.service.source import Connection
 
-__all__ = ["verify_connection"]
+__all__ = [
+    "FileAttrs",
+    "VerifyLog",
+    "VerifyReport",
+    "VerifySchedule",
+    "VerifyScheduler",
+    "attr_mask",
+    "format_report",
+    "format_time",
+    "verify_connection",
+]
+
+log = logging.getLogger("dtake.verify")
+
+# Windows FILE_ATTRIBUTE_* values (seed-engine.md §11.5 DESIGN: the real bits).
+READONLY, HIDDEN, DIRECTORY, NORMAL, SPARSE, REPARSE = 0x1, 0x2, 0x10, 0x80, 0x200, 0x400
+
+
+def attr_mask(name: str, st: os.stat_result) -> int:
+    """The Mask of the log [L5400-5420] derived from Linux metadata."""
+    m = 0
+    if not st.st_mode & 0o222:
+        m |= READONLY
+    if os.path.basename(name).startswith("."):
+        m |= HIDDEN
+    if stat.S_ISDIR(st.st_mode):
+        m |= DIRECTORY
+    if stat.S_ISLNK(st.st_mode):
+        m |= REPARSE
+    if stat.S_ISREG(st.st_mode) and st.st_blocks * 512 < st.st_size:
+        m |= SPARSE
+    return m or NORMAL
+
+
+def format_time(epoch: float) -> str:
+    """``1/24/2010 12:15:20 PM`` (no leading zeros on month, day and hour)."""
+    t = time.localtime(epoch)
+    h = t.tm_hour % 12 or 12
+    return f"{t.tm_mon}/{t.tm_mday}/{t.tm_year} {h}:{t.tm_min:02}:{t.tm_sec:02} " + (
+        "AM" if t.tm_hour < 12 else "PM"
+    )
+
+
+@dataclass
+class FileAttrs:
+    mtime: float
+    size: int
+    mask: int
+
+
+@dataclass
+class Difference:
+    path: str  # as logged: relative to the volume root, no leading "/"
+    rel: str  # relative to the replication set's base (JSON output)
+    reason: str
+    source: FileAttrs
+    target: FileAttrs | None
+    security_differs: bool = False
+    bytes_out_of_sync: int = 0
+
+
+@dataclass
+class VerifyReport:
+    con_id: int
+    repset: str
+    target_ip: str
+    port: int
+    start: float
+    end: float = 0.0
+    differences: list[Difference] = field(default_factory=list)
+    dirs_compared: int = 0
+    dirs_missing: int = 0
+    dirs_remirrored: int = 0
+    files_compared: int = 0
+    files_missing: int = 0
+    files_different: int = 0
+    files_encrypted: int = 0
+    files_remirrored: int = 0
+    bytes_skipped: int = 0
+    bytes_compared: int = 0
+    bytes_missing: int = 0
+    bytes_different: int = 0
+    bytes_remirrored: int = 0
+
+
+def format_report(r: VerifyReport) -> str:
+    """The seed's verification log block [L5319-5393], one item per line."""
+    conn = f"connection {r.con_id} ({r.repset} --> {r.target_ip} : {r.port})"
+    lines = [
+        f"--- VERIFICATION OF CONNECTION {r.con_id} ({r.repset} --> {r.target_ip} : {r.port}) ---",
+        f"Start Time: {format_time(r.start)} for {conn}",
+    ]
+    for d in r.differences:
+        lines.append(f"File:       {d.path} DIFFERENT ON TARGET")
+        s, t = d.source, d.target or FileAttrs(0, 0, 0)
+        lines.append(
+            f"     Source Attributes: Timestamp = {format_time(s.mtime)} Size = {s.size} "
+            f"Mask = [0x{s.mask:x}]"
+        )
+        lines.append(
+            f"     Target Attributes: Timestamp = {format_time(t.mtime)} Size = {t.size} "
+            f"Mask = [0x{t.mask:x}]"
+        )
+        if d.security_differs:
+            lines.append("Security descriptors are different.")
+        lines.append(f"      {d.bytes_out_of_sync} BYTES OUT OF SYNC")
+    lines += [
+        f"Completion Time: {format_time(r.end)} for {conn}",
+        f"Elapsed Time (seconds): {r.end - r.start:.6f}",
+        f"Total Directories Compared: {r.dirs_compared}",
+        f"Total Directories Missing: {r.dirs_missing}",
+        f"Total Directories Remirrored: {r.dirs_remirrored}",
+        f"Total Files Compared: {r.files_compared}",
+        f"Total Files Missing: {r.files_missing}",
+        f"Total Files Different: {r.files_different}",
+        f"Total Files Encrypted: {r.files_encrypted}",
+        f"Total Files Remirrored: {r.files_remirrored}",
+        f"Total Bytes Skipped: {r.bytes_skipped}",
+        f"Total Bytes Compared: {r.bytes_compared}",
+        f"Total Bytes Missing: {r.bytes_missing}",
+        f"Total Bytes Different: {r.bytes_different}",
+        f"Total Bytes Remirrored: {r.bytes_remirrored}",
+        "Related links and directory attributes have been adjusted.",
+        "----- END OF VERIFICATION -----",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class VerifyLog:
+    """Settings of the source's Logging tab [L5303-5315] (all connections of a source)."""
+
+    folder: str
+    filename: str = "DTVerify.log"
+    max_bytes: int = 1048576
+    append: bool = True
+
+    def path_for(self, repset: str) -> str:
+        return os.path.join(self.folder, f"{repset} {self.filename}")
+
+    def write(self, repset: str, text: str) -> str:
+        """Append (or overwrite) within ``max_bytes``: at the limit logging stops."""
+        path = self.path_for(repset)
+        os.makedirs(self.folder, exist_ok=True)
+        with open(path, "a" if self.append else "w", encoding="utf-8") as fh:
+            size = fh.tell()
+            for line in text.splitlines(keepends=True):
+                n = len(line.encode("utf-8"))
+                if size + n > self.max_bytes:
+                    break
+                fh.write(line)
+                size += n
+        return path
 
 
 def _local_hashes(path: str) -> list[int]:
@@ -34,29 +198,70 @@ def _local_hashes(path: str) -> list[int]:
             out.append(xxhash.xxh3_64_intdigest(data))
 
 
-def verify_connection(conn: Connection, *, remirror: bool, checksum: bool) -> dict[str, Any]:
+def _volume_rel(path: str) -> str:
+    """Path relative to its filesystem's mount point (the seed drops the drive letter)."""
+    mp = path
+    while not os.path.ismount(mp) and mp != "/":
+        mp = os.path.dirname(mp)
+    return os.path.relpath(path, mp)
+
+
+def _out_of_sync(path: str, st: os.stat_result, t: dict[str, Any], hashes: list[int] | None) -> int:
+    if hashes is None:
+        return st.st_size  # compared by attributes: the whole file is suspect
+    mine = _local_hashes(path)
+    n = 0
+    for i, h in enumerate(mine):
+        if i >= len(hashes) or hashes[i] != h:
+            n += min(BLOCK, st.st_size - i * BLOCK)
+    return n
+
+
+def verify_connection(
+    conn: Connection,
+    *,
+    remirror: bool,
+    checksum: bool,
+    newer: bool = False,
+    log_settings: VerifyLog | None = None,
+) -> dict[str, Any]:
     if conn.mirror_status not in ("Idle",):
         raise DtakeError(E.MIRROR_ACTIVE, "Mirror currently active: verification cannot start")
     started = time.time()
     prev = conn.mirror_status
     conn.mirror_status = "Verifying"
+    svc = conn.svc
+    conn.svc.events.emit(94, con_id=conn.rec.id)
+    rep = VerifyReport(conn.rec.id, conn.rec.repset, conn.rec.host, conn.rec.port, started)
+    out_diffs: list[dict[str, Any]] = []
     try:
-        target = {e["path"]: e for e in conn.request_scan()}
-        differences: list[dict[str, Any]] = []
+        scan = conn.request_scan()
+        target = {e["path"]: e for e in scan}
         seen: set[str] = set()
-        files = 0
         for path, st in conn._walk(conn.base):
             rel = conn.rel(path)
             if rel is None:
                 continue
             seen.add(rel)
             kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "f"
-            if kind == "f":
-                files += 1
-                if st.st_nlink > 1:
-                    continue  # hard links are not replicated [L3756]
             t = target.get(rel)
+            if kind == "d":
+                rep.dirs_compared += 1
+                if t is None or t["kind"] != "d":
+                    rep.dirs_missing += 1
+                    if remirror:
+                        conn.queue.put_lazy(LazyKind.MKDIR, path, mode="realtime")
+                        rep.dirs_remirrored += 1
+                continue
+            if kind == "f":
+                if st.st_nlink > 1:
+                    rep.bytes_skipped += st.st_size  # hard links are not replicated [L3756]
+                    continue
+                rep.files_compared += 1
+                rep.bytes_compared += st.st_size
             reason = None
+            security = False
+            hashes: list[int] | None = None
             if t is None:
                 reason = "missing on target"
             elif t["kind"] != kind:
@@ -64,35 +269,224 @@ def verify_connection(conn: Connection, *, remirror: bool, checksum: bool) -> di
             elif kind == "l":
                 if t.get("link") != os.readlink(path):
                     reason = "link target differs"
-            elif kind == "f" and t["size"] != st.st_size:
-                reason = f"size differs ({st.st_size} vs {t['size']})"
-            elif kind == "f" and t["mtime_ns"] != st.st_mtime_ns:
-                reason = "date/time differs"
-            elif (
-                kind != "l" and t.get("mode") is not None and t["mode"] != stat.S_IMODE(st.st_mode)
-            ):
-                reason = "permissions differ"
-            elif kind != "l" and (t.get("uid"), t.get("gid")) != (st.st_uid, st.st_gid):
-                reason = "owner differs"
-            elif kind == "f" and checksum:
-                chunks = conn._request("hashes", path=rel, block_size=BLOCK)
-                if _local_hashes(path) != list(chunks[-1].get("hashes") or []):
-                    reason = "checksum differs"
-            if reason:
-                differences.append({"path": rel, "reason": reason})
-                if remirror:
-                    lazy = {"f": LazyKind.CONTENT, "d": LazyKind.MKDIR, "l": LazyKind.SYMLINK}[kind]
-                    conn.queue.put_lazy(lazy, path, mode="full" if kind == "f" else "realtime")
-        orphans = sorted(p for p in target if p not in seen)
+            else:
+                if t["size"] != st.st_size:
+                    reason = f"size differs ({st.st_size} vs {t['size']})"
+                elif t["mtime_ns"] != st.st_mtime_ns:
+                    reason = "date/time differs"
+                if t.get("mode") is not None and t["mode"] != stat.S_IMODE(st.st_mode):
+                    security = True
+                if (t.get("uid"), t.get("gid")) != (st.st_uid, st.st_gid):
+                    security = True
+                if reason is None and security:
+                    reason = (
+                        "permissions differ"
+                        if t.get("mode") != stat.S_IMODE(st.st_mode)
+                        else "owner differs"
+                    )
+                if checksum and t["size"] == st.st_size:
+                    chunks = conn._request("hashes", path=rel, block_size=BLOCK)
+                    hashes = list(chunks[-1].get("hashes") or [])
+                    if reason is None and _local_hashes(path) != hashes:
+                        reason = "checksum differs"
+            if reason is None:
+                continue
+            if t is None:
+                rep.files_missing += 1 if kind == "f" else 0
+                rep.bytes_missing += st.st_size if kind == "f" else 0
+            else:
+                tattrs = FileAttrs(t["mtime_ns"] / 1e9, int(t["size"]), _mask_of(rel, t))
+                oos = 0
+                if kind == "f" and reason not in ("permissions differ", "owner differs"):
+                    oos = _out_of_sync(path, st, t, hashes)
+                rep.files_different += 1
+                rep.bytes_different += oos
+                rep.differences.append(
+                    Difference(
+                        _volume_rel(path),
+                        rel,
+                        reason,
+                        FileAttrs(st.st_mtime_ns / 1e9, st.st_size, attr_mask(path, st)),
+                        tattrs,
+                        security,
+                        oos,
+                    )
+                )
+            out_diffs.append({"path": rel, "reason": reason})
+            if remirror and not (newer and t is not None and st.st_mtime_ns <= t["mtime_ns"]):
+                lazy = {"f": LazyKind.CONTENT, "l": LazyKind.SYMLINK}[kind]
+                conn.queue.put_lazy(lazy, path, mode="full" if kind == "f" else "realtime")
+                if kind == "f":
+                    rep.files_remirrored += 1
+                    rep.bytes_remirrored += st.st_size
+        orphans = sorted(p for p in target if p not in seen and p)
+        if conn.rec.orphans != "off":
+            from dtake.service.orphans import process_orphans
+
+            process_orphans(
+                conn,
+                {p: (e["kind"], e["size"], e["mtime_ns"]) for p, e in target.items()},
+                seen,
+            )
+    except BaseException:
+        svc.events.emit(4061, target=conn.label, repset=conn.rec.repset, con_id=conn.rec.id)
+        raise
     finally:
         conn.mirror_status = prev if prev != "Verifying" else "Idle"
+    rep.end = time.time()
+    settings = log_settings or _log_settings(svc)
+    log_path = settings.write(conn.rec.repset, format_report(rep))
+    svc.events.emit(95, con_id=conn.rec.id)
+    if out_diffs:
+        svc.events.emit(11007, details=f"{len(out_diffs)} difference(s), see {log_path}")
     return {
         "id": conn.rec.id,
         "checksum": checksum,
-        "files_checked": files,
-        "differences": differences,
-        "different": len(differences),
+        "files_checked": rep.files_compared,
+        "differences": out_diffs,
+        "different": len(out_diffs),
         "orphans": orphans,
-        "remirrored": len(differences) if remirror else 0,
-        "seconds": round(time.time() - started, 3),
+        "remirrored": rep.files_remirrored,
+        "seconds": round(rep.end - started, 3),
+        "log": log_path,
     }
+
+
+def _mask_of(rel: str, t: dict[str, Any]) -> int:
+    m = 0
+    mode = t.get("mode")
+    if mode is not None and not int(mode) & 0o222:
+        m |= READONLY
+    if os.path.basename(rel).startswith("."):
+        m |= HIDDEN
+    if t.get("kind") == "d":
+        m |= DIRECTORY
+    if t.get("kind") == "l":
+        m |= REPARSE
+    return m or NORMAL
+
+
+def _log_settings(svc: Service) -> VerifyLog:
+    feat = svc.features.get("dtake.service.datafeatures")
+    cfg = getattr(feat, "cfg", None)
+    if cfg is None:
+        return VerifyLog(folder=svc.cfg.state_dir)
+    return VerifyLog(
+        folder=cfg.verify_log_folder,
+        filename=cfg.verify_log_filename,
+        max_bytes=cfg.verify_log_max_bytes,
+        append=cfg.verify_log_append,
+    )
+
+
+# ---------------------------------------------------------------------------- schedule
+UNITS = {"minutes": 60, "hours": 3600, "days": 86400}
+
+
+@dataclass
+class VerifySchedule:
+    """Connection Manager -> Verify tab [L5278-5299]."""
+
+    next_due: float
+    interval_s: float = 0.0  # 0 = once (no reverification interval)
+    remirror: bool = False
+    newer: bool = False
+    checksum: bool = False
+    enabled: bool = True
+
+    def due(self, now: float) -> bool:
+        """True when a run is due; advances (and coalesces missed runs) or disables."""
+        if not self.enabled or now < self.next_due:
+            return False
+        if self.interval_s > 0:
+            steps = int((now - self.next_due) // self.interval_s) + 1
+            self.next_due += steps * self.interval_s
+        else:
+            self.enabled = False
+        return True
+
+
+class VerifyScheduler:
+    def __init__(self, svc: Service, cfg: Any, *, clock: Callable[[], float] = time.time) -> None:
+        self.svc = svc
+        self.clock = clock
+        raw = svc.store.load("verify_schedules.json", {}) or {}
+        self.schedules: dict[int, VerifySchedule] = {
+            int(k): VerifySchedule(**v) for k, v in raw.items()
+        }
+        self._running: set[int] = set()
+        self._lock = threading.Lock()
+
+    def _save(self) -> None:
+        with self._lock:
+            doc = {str(k): asdict(v) for k, v in self.schedules.items()}
+        self.svc.store.save("verify_schedules.json", doc)
+
+    def set(
+        self,
+        con_id: int,
+        *,
+        start: float | None = None,
+        interval: float = 0,
+        unit: str = "minutes",
+        remirror: bool = False,
+        newer: bool = False,
+        checksum: bool = False,
+        enabled: bool = True,
+        remove: bool = False,
+    ) -> dict[str, Any]:
+        self.svc._conn(con_id)  # -107 when there is no such connection
+        if remove:
+            with self._lock:
+                self.schedules.pop(con_id, None)
+            self._save()
+            return {"id": con_id, "schedule": None}
+        if unit not in UNITS:
+            raise DtakeError(E.INVALID_OPTION, f"unit must be one of {', '.join(UNITS)}")
+        if newer and not remirror:
+            raise DtakeError(E.INVALID_OPTION, "--newer applies only with --remirror [L5290]")
+        sch = VerifySchedule(
+            next_due=float(start) if start is not None else self.clock(),
+            interval_s=float(interval) * UNITS[unit],
+            remirror=remirror,
+            newer=newer,
+            checksum=checksum,
+            enabled=enabled,
+        )
+        with self._lock:
+            self.schedules[con_id] = sch
+        self._save()
+        return {"id": con_id, "schedule": asdict(sch)}
+
+    def tick(self) -> list[int]:
+        """Start the verifications that are due (each in its own thread)."""
+        now = self.clock()
+        started: list[int] = []
+        with self._lock:
+            items = list(self.schedules.items())
+        for con_id, sch in items:
+            conn = self.svc.connections.get(con_id)
+            if conn is None or con_id in self._running:
+                continue
+            if conn.mirror_status != "Idle" or conn._fs is None:
+                continue  # "any time a mirror is not in progress" [L5268]; try next second
+            if not sch.due(now):
+                continue
+            self._save()
+            started.append(con_id)
+            self._running.add(con_id)
+            threading.Thread(
+                target=self._run, args=(conn, sch), name=f"verify-{con_id}", daemon=True
+            ).start()
+        return started
+
+    def _run(self, conn: Connection, sch: VerifySchedule) -> None:
+        ev = {"target": conn.label, "repset": conn.rec.repset, "con_id": conn.rec.id}
+        try:
+            self.svc.events.emit(4058, **ev)
+            verify_connection(conn, remirror=sch.remirror, checksum=sch.checksum, newer=sch.newer)
+            self.svc.events.emit(4062, **ev)
+        except Exception as exc:
+            log.warning("scheduled verification of connection %d failed: %s", conn.rec.id, exc)
+        finally:
+            self._running.discard(conn.rec.id)

@@ -1,0 +1,258 @@
+"""Data safety end to end with real services on loopback: automatic and manual
+snapshots with revert, blocked target paths, orphans, restore, verification log.
+
+Every test ends with a tree comparison (dtake.testing.tree_diff). Waits are bounded.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from dtake.testing import ServiceProcess, tree_diff
+
+Factory = Callable[..., ServiceProcess]
+
+
+def write(path: str, data: bytes | str, *, mtime: float | None = None) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def connect(src: ServiceProcess, dst: ServiceProcess, target: str, **kw: Any) -> int:
+    r = src.call("connect", repset="rs", host="127.0.0.1", port=dst.port, target_path=target, **kw)
+    return int(r["id"])
+
+
+def settle(svc: ServiceProcess, cid: int, timeout: float = 60) -> dict[str, Any]:
+    time.sleep(0.3)  # inotify delivery before asking for idle
+    r: dict[str, Any] = svc.call("wait", con_id=cid, timeout_s=timeout)
+    return r
+
+
+def until(fn: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def assert_same(a: str, b: str) -> None:
+    diff = tree_diff(a, b)
+    assert diff == [], "trees differ:\n" + "\n".join(diff[:30])
+
+
+def setup_pair(tmp_path: Any, service: Factory, **kw: Any) -> tuple[str, str, Any, Any, int]:
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    write(os.path.join(src, "a.txt"), "version 1")
+    write(os.path.join(src, "d", "b.bin"), os.urandom(200_000))
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, dst, mirror="full", **kw)
+    st = settle(a, cid)
+    assert st["target_data_state"] == "OK"
+    assert_same(src, dst)
+    return src, dst, a, b, cid
+
+
+def test_good_to_bad_takes_automatic_snapshot(tmp_path: Any, service: Factory) -> None:
+    src, dst, a, b, cid = setup_pair(tmp_path, service)
+    assert b.call("snapshot_list", target=dst) == []
+    states = b.call("data_state", target=dst)
+    assert states[0]["data_state"] == "OK"
+    # a mirror moves OK -> Mirroring: the target snapshots its good copy first [L5627]
+    a.call("mirror", con_id=cid, action="start", mode="full")
+    snaps = until(lambda: b.call("snapshot_list", target=dst), "automatic snapshot")
+    assert [s["kind"] for s in snaps] == ["auto"] and snaps[0]["data_state"] == "OK"
+    settle(a, cid)
+    # a second good -> bad transition replaces the automatic snapshot (one per connection)
+    a.call("mirror", con_id=cid, action="start", mode="full")
+    until(
+        lambda: (
+            [s["id"] for s in b.call("snapshot_list", target=dst)] not in ([], [snaps[0]["id"]])
+        ),
+        "second automatic snapshot",
+    )
+    settle(a, cid)
+    assert [s["kind"] for s in b.call("snapshot_list", target=dst)] == ["auto"]
+    assert_same(src, dst)
+    assert 4065 in [e["id"] for e in b.call("events")]
+
+
+def test_manual_snapshot_revert_then_restore(tmp_path: Any, service: Factory) -> None:
+    src, dst, a, b, cid = setup_pair(tmp_path, service)
+    snap = b.call("snapshot_take", target=dst)
+    assert snap["kind"] == "manual" and snap["provider"] in ("copy", "btrfs")
+    before = read(os.path.join(dst, "a.txt"))
+    write(os.path.join(src, "a.txt"), "version 2 is longer")
+    write(os.path.join(src, "new.txt"), "added later")
+    settle(a, cid)
+    assert_same(src, dst)
+    r = b.call("snapshot_revert", target=dst, snapshot=snap["id"])
+    assert r["data_state"] == "Snapshot Reverted"
+    assert read(os.path.join(dst, "a.txt")) == before
+    assert not os.path.exists(os.path.join(dst, "new.txt"))
+    assert b.call("data_state", target=dst)[0]["data_state"] == "Snapshot Reverted"
+    # the source learns it on reconnect and holds replication [L5621]
+    until(
+        lambda: a.call("status")["connections"][0]["target_data_state"] == "Snapshot Reverted",
+        "source sees Snapshot Reverted",
+    )
+    write(os.path.join(src, "held.txt"), "not replicated while reverted")
+    time.sleep(1.0)
+    assert not os.path.exists(os.path.join(dst, "held.txt"))
+    # restore: the target's (reverted) copy comes back to the source [L4674-4800]
+    os.unlink(os.path.join(src, "held.txt"))
+    res = a.call("restore", con_id=cid, orphans="delete")
+    assert res["files"] >= 1
+    assert read(os.path.join(src, "a.txt")) == before
+    assert not os.path.exists(os.path.join(src, "new.txt"))  # orphan on the source
+    assert_same(src, dst)
+    st = until(
+        lambda: (lambda s: s if s["target_data_state"] == "OK" else None)(
+            a.call("status")["connections"][0]
+        ),
+        "OK after restore",
+    )
+    assert st["target_data_state"] == "OK"
+    until(lambda: b.call("data_state", target=dst)[0]["data_state"] == "OK", "target OK")
+    # replication runs again after the restore
+    write(os.path.join(src, "after.txt"), "replicated again")
+    settle(a, cid)
+    assert_same(src, dst)
+    ids = [e["id"] for e in a.call("events")]
+    assert 4053 in ids and 4057 in ids
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+def test_blocked_target_path(tmp_path: Any, service: Factory) -> None:
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    write(os.path.join(src, "f"), "one")
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    try:
+        cid = connect(a, b, dst, mirror="full", block=True)
+        settle(a, cid)
+        assert b.call("blocked") == [dst]
+        # another process cannot write the target path ...
+        with pytest.raises(OSError) as exc:
+            write(os.path.join(dst, "intruder"), "x")
+        assert exc.value.errno == errno.EROFS
+        with pytest.raises(OSError):
+            os.unlink(os.path.join(dst, "f"))
+        # ... while replication still updates it
+        write(os.path.join(src, "f"), "two")
+        write(os.path.join(src, "sub", "g"), "three")
+        settle(a, cid)
+        assert_same(src, dst)
+        a.call("disconnect", con_id=cid)
+        assert b.call("blocked") == []
+        write(os.path.join(dst, "now-writable"), "ok")  # writable again after disconnect
+        assert 4302 in [e["id"] for e in b.call("events")]
+        assert 4304 in [e["id"] for e in b.call("events")]
+    finally:
+        # Clean up our mount by its exact path whatever happened.
+        for _ in range(3):
+            with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+                if not any(line.split()[4] == dst for line in fh):
+                    break
+            subprocess.run(["umount", dst], check=False)
+
+
+@pytest.mark.parametrize("mode", ["delete", "move"])
+def test_orphans_with_age_filter(tmp_path: Any, service: Factory, mode: str) -> None:
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    write(os.path.join(src, "keep"), "source file")
+    old = time.time() - 7 * 86400
+    write(os.path.join(dst, "old-orphan"), "old", mtime=old)
+    write(os.path.join(dst, "olddir", "x"), "old too", mtime=old)
+    os.utime(os.path.join(dst, "olddir"), (old, old))
+    write(os.path.join(dst, "new-orphan"), "recent")
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, dst, mirror="differences", orphans=mode, orphans_age_s=86400)
+    settle(a, cid)
+    assert not os.path.exists(os.path.join(dst, "old-orphan"))
+    assert not os.path.exists(os.path.join(dst, "olddir"))
+    assert read(os.path.join(dst, "new-orphan")) == b"recent"  # younger than the age
+    uuid = a.call("status")["connections"][0]["uuid"]
+    moved = os.path.join(b.root, "state", "orphans", uuid)
+    if mode == "move":
+        assert read(os.path.join(moved, "old-orphan")) == b"old"
+        assert read(os.path.join(moved, "olddir", "x")) == b"old too"
+    else:
+        assert not os.path.exists(moved)
+    os.unlink(os.path.join(dst, "new-orphan"))
+    assert_same(src, dst)
+    ids = [e["id"] for e in a.call("events")]
+    assert 4048 in ids and 4052 in ids
+
+
+def test_verification_log_in_seed_format(tmp_path: Any, service: Factory) -> None:
+    src, dst, a, _b, cid = setup_pair(tmp_path, service)
+    r = a.call("verify", con_id=cid)
+    assert r["different"] == 0
+    # change the target behind the service's back; same size, older time
+    p = os.path.join(dst, "a.txt")
+    write(p, "VERSION 1", mtime=time.time() - 3600)
+    r = a.call("verify", con_id=cid, remirror=True)
+    assert [d["path"] for d in r["differences"]] == ["a.txt"]
+    log_path = os.path.join(a.root, "state", "rs DTVerify.log")
+    assert r["log"] == log_path
+    with open(log_path, encoding="utf-8") as fh:
+        text = fh.read()
+    blocks = text.split("----- END OF VERIFICATION -----\n")
+    assert len(blocks) == 3 and blocks[2] == ""  # appended, one block per run
+    lines = blocks[1].splitlines()
+    head = f"--- VERIFICATION OF CONNECTION {cid} (rs --> 127.0.0.1 : {_b.port}) ---"
+    assert lines[0] == head
+    assert lines[1].startswith("Start Time: ") and lines[1].endswith(
+        f"for connection {cid} (rs --> 127.0.0.1 : {_b.port})"
+    )
+    assert lines[2].startswith("File:       ") and lines[2].endswith(
+        "src/a.txt DIFFERENT ON TARGET"
+    )
+    assert lines[3].startswith("     Source Attributes: Timestamp = ")
+    assert lines[3].endswith("Size = 9 Mask = [0x80]")
+    assert lines[4].startswith("     Target Attributes: Timestamp = ")
+    assert lines[5] == "      9 BYTES OUT OF SYNC"
+    totals = dict(line.split(": ", 1) for line in lines if line.startswith("Total "))
+    assert list(totals) == [
+        "Total Directories Compared",
+        "Total Directories Missing",
+        "Total Directories Remirrored",
+        "Total Files Compared",
+        "Total Files Missing",
+        "Total Files Different",
+        "Total Files Encrypted",
+        "Total Files Remirrored",
+        "Total Bytes Skipped",
+        "Total Bytes Compared",
+        "Total Bytes Missing",
+        "Total Bytes Different",
+        "Total Bytes Remirrored",
+    ]
+    assert totals["Total Files Different"] == "1" and totals["Total Files Remirrored"] == "1"
+    assert totals["Total Files Compared"] == "2"
+    assert lines[-1] == "Related links and directory attributes have been adjusted."
+    settle(a, cid)
+    assert_same(src, dst)
+    ids = [e["id"] for e in a.call("events")]
+    assert 4058 in ids and 4062 in ids
