@@ -126,6 +126,9 @@ class DataFeatures:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        # Log rotation settings of the service's event log (seed-monitoring.md §3.6).
+        self.svc.events.max_file_bytes = self.cfg.log_max_file_bytes
+        self.svc.events.max_files = self.cfg.log_max_files
         self.blocker.restore()
         from dtake.service.verify import VerifyScheduler
 

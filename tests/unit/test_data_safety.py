@@ -423,3 +423,27 @@ def test_btrfs_provider_real_loop(tmp_path: Any) -> None:
         if mounted:
             subprocess.run(["umount", mnt], check=False)
         subprocess.run(["losetup", "-d", loop], check=False)
+
+
+# ---------------------------------------------------------------------------- event log
+def test_event_texts_and_log_series_rotation(tmp_path: Any) -> None:
+    from dtake.service.events import EventLog
+
+    path = str(tmp_path / "dtake.log")
+    ev = EventLog(path)
+    ev.max_file_bytes, ev.max_files = 600, 3
+    rec = ev.emit(4058, target="10.0.0.2:6320", repset="rs", con_id=1)
+    assert rec["message"] == (
+        "Service has started a verification task to 10.0.0.2:6320 (10.0.0.2) for "
+        "Replication Set rs, ID: 1"
+    )
+    assert (
+        ev.emit(4302, path="/data")["message"] == "Target Path /data has been successfully blocked"
+    )
+    for i in range(40):
+        ev.emit(4065, con_id=i, source="a", source_ip="a", reason="Mirror Started")
+    names = sorted(os.listdir(tmp_path))
+    assert "dtake.log" in names
+    rotated = [n for n in names if n.startswith("dtake.log.")]
+    assert 1 <= len(rotated) <= 2  # max_files counts the current file too
+    assert os.path.getsize(path) < 600 + 400
