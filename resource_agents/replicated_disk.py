@@ -216,10 +216,12 @@ def parse_generations(cib_nodes_xml: str, resource: str) -> dict[str, int]:
     """``cibadmin --query --scope nodes`` -> node -> published generation."""
     out: dict[str, int] = {}
     attr = re.escape(f"dtake-{resource}-gen")
-    for m in re.finditer(r"<node\b[^>]*?\buname=\"([^\"]+)\"(.*?)</node>", cib_nodes_xml, re.S):
-        v = re.search(rf"<nvpair\b[^>]*?name=\"{attr}\"[^>]*?value=\"(\d+)\"", m.group(2))
-        if v:
-            out[m.group(1)] = int(v.group(1))
+    # One chunk per <node ...> element (self-closing ones have no attributes).
+    for chunk in re.split(r"(?=<node\b)", cib_nodes_xml)[1:]:
+        name = re.match(r"<node\b[^>]*?\buname=\"([^\"]+)\"", chunk)
+        v = re.search(rf"<nvpair\b[^>]*?name=\"{attr}\"[^>]*?value=\"(\d+)\"", chunk)
+        if name and v:
+            out[name.group(1)] = int(v.group(1))
     return out
 
 
@@ -281,8 +283,8 @@ class ReplicatedDisk:
 
     def _attr(self, name: str, value: str | None, *, lifetime: str = "reboot") -> None:
         key = f"attr:{name}"
-        if self.cache.get(key) == value:
-            return
+        if key in self.cache.data and self.cache.get(key) == value:
+            return  # unknown (fresh cache) -> write once, so a stale value never stays
         argv = ["crm_attribute", "-N", self.env.node, "-n", name, "-l", lifetime]
         argv += ["-D"] if value is None else ["-v", value]
         rc, _ = self.run(argv, timeout=15)
@@ -295,7 +297,7 @@ class ReplicatedDisk:
         gen = int(st.get("generation", 0))
         if gen > 0:
             self._attr(f"dtake-{self.rsc}-gen", str(gen), lifetime="forever")
-        if not keep_score and self.cache.get("score") != score:
+        if not keep_score and ("score" not in self.cache.data or self.cache.get("score") != score):
             argv = ["crm_attribute", "-N", self.env.node, "-p", self.rsc, "-l", "reboot"]
             argv += ["-D"] if score is None else ["-v", str(score)]
             rc, _ = self.run(argv, timeout=15)

@@ -19,9 +19,9 @@ Demote/stop run the offline sequence [L2555-2560]. Connections made here are *cl
 managed*: they are not restored when the service restarts (the cluster reconnects them),
 so a node that comes back after a crash never pushes its stale data on its own.
 
-Read-only target copies: the directory is covered by a read-only bind mount of itself,
-while the target keeps writing through a directory fd opened before the mount (the
-``/proc/self/fd`` path handed to the target tree).
+Read-only target copies are blocked target paths (dtake.service.blocking): a read-only
+bind mount of the directory over itself, while the target writes through a directory fd
+opened before the mount.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -163,8 +162,8 @@ def availability(
 ) -> dict[str, str]:
     """Action -> "" when available, else why not (seed-monitoring.md §2.4 DESIGN rules).
 
-    ``current``: the replica's data is good and of the newest generation (nothing to
-    resolve). Accept needs no snapshot (the seed's "use the current data"); Reject only
+    ``current``: the replica's data is good as far as this node knows (a newer generation
+    elsewhere is known to the agent only, so Accept stays offered). Accept needs no snapshot (the seed's "use the current data"); Reject only
     follows Test Data; Test Data and Revert need a snapshot provider; Flush Target needs
     data in the target queue; Fail is always offered.
     """
@@ -172,8 +171,8 @@ def availability(
     promoted = rec.role == "Promoted"
     if promoted:
         out["accept"] = "the replica is the active (promoted) copy"
-    elif current and rec.control not in ("testing", "failed"):
-        out["accept"] = "the data is already good and current: nothing to accept"
+    elif rec.control == "accepted":
+        out["accept"] = "already accepted: pacemaker promotes this copy"
     else:
         out["accept"] = ""
     if rec.control != "testing" or not rec.test_snapshot:
@@ -225,7 +224,6 @@ class ReplicaManager:
             k: ReplicaRecord.from_dict(v) for k, v in raw.get("replicas", {}).items()
         }
         self.managed: set[str] = set(raw.get("managed", []))
-        self._block_fds: dict[str, int] = {}  # directory -> fd opened before the ro mount
 
     # -------------------------------------------------------------- persistence
     def save(self) -> None:
@@ -275,59 +273,28 @@ class ReplicaManager:
             return False
 
     def block(self, directory: str) -> None:
-        """Make DIRECTORY read-only to everyone else; the service keeps writing through
-        a directory fd opened before the read-only bind mount [L2545, DESIGN §2]."""
+        """Make DIRECTORY read-only to everyone but the service [L2545]: a blocked target
+        path of dtake.service.blocking (read-only bind mount; the target writes through a
+        directory fd taken before it)."""
         d = os.path.normpath(directory)
         os.makedirs(d, exist_ok=True)
         blocker = self._feature("blocker")
-        if blocker is not None:
-            if not blocker.is_blocked(d):
-                blocker.block(d)
+        if blocker is None:
+            log.warning("replica copy %s not blocked: no blocking provider installed", d)
             return
-        with self._lock:
-            if d not in self._block_fds:
-                self._block_fds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            if self._is_mounted(d):
-                return
-        if os.geteuid() != 0:
-            return  # unprivileged (tests on loopback): no mount, still a target
-        for argv in (["mount", "--bind", d, d], ["mount", "-o", "remount,bind,ro", d]):
-            r = subprocess.run(argv, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise DtakeError(
-                    E.UNKNOWN, f"cannot make {d} read-only: {' '.join(argv)}: {r.stderr.strip()}"
-                )
+        if not blocker.is_blocked(d):
+            blocker.block(d)
 
     def unblock(self, directory: str) -> None:
         d = os.path.normpath(directory)
         blocker = self._feature("blocker")
-        if blocker is not None:
-            if blocker.is_blocked(d):
-                blocker.unblock(d)
-            return
-        while self._is_mounted(d) and os.geteuid() == 0:
-            r = subprocess.run(["umount", d], capture_output=True, text=True)
-            if r.returncode != 0:
-                r = subprocess.run(["umount", "-l", d], capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise DtakeError(E.UNKNOWN, f"cannot unblock {d}: {r.stderr.strip()}")
-        with self._lock:
-            fd = self._block_fds.pop(d, None)
-        if fd is not None:
-            os.close(fd)
+        if blocker is not None and blocker.is_blocked(d):
+            blocker.unblock(d)
 
     def _is_blocked(self, directory: str) -> bool:
         blocker = self._feature("blocker")
         d = os.path.normpath(directory)
-        return bool(blocker.is_blocked(d)) if blocker is not None else d in self._block_fds
-
-    def target_root(self, path: str) -> str:
-        """Target tree root for PATH: the pre-mount fd when PATH is a blocked replica."""
-        blocker = self._feature("blocker")
-        if blocker is not None:
-            return str(blocker.writable_path(path))
-        fd = self._block_fds.get(os.path.normpath(path))
-        return f"/proc/self/fd/{fd}" if fd is not None else path
+        return bool(blocker.is_blocked(d)) if blocker is not None else False
 
     # -------------------------------------------------------------- in-band hooks
     def open_fields(self, conn: Connection) -> dict[str, Any]:
@@ -438,30 +405,42 @@ class ReplicaManager:
             return []
         return [s for s in items or [] if isinstance(s, dict)]
 
+    def _target_queue(self) -> Any:
+        return self.svc.features.get("dtake.service.targetqueue")
+
     def _queued_bytes(self, rec: ReplicaRecord) -> int:
         """Bytes in this replica's target queue; -1 when no target queue exists."""
-        st = self.svc.target.states.get(rec.target_uuid) if rec.target_uuid else None
-        for attr in ("queued_bytes", "queue_bytes"):
-            if st is not None and hasattr(st, attr):
-                return int(getattr(st, attr) or 0)
-        fn = self._handler("target_queue_status")
+        tqs = self._target_queue()
+        if tqs is None or not hasattr(tqs, "figures_for"):
+            return -1
+        if not rec.target_uuid:
+            return 0
+        return int((tqs.figures_for(rec.target_uuid) or {}).get("bytes", 0))
+
+    def _flush_target_queue(self, rec: ReplicaRecord) -> None:
+        tqs = self._target_queue()
+        fn = getattr(tqs, "flush", None) or getattr(tqs, "discard", None)
         if fn is None:
-            return -1
-        try:
-            return int((fn(uuid=rec.target_uuid) or {}).get("queued_bytes", 0))
-        except (DtakeError, TypeError):
-            return -1
+            raise DtakeError(E.NOT_SUPPORTED, "not available: the target queue cannot be flushed")
+        fn(rec.target_uuid)
 
     # -------------------------------------------------------------- status
     def _target_connected(self, rec: ReplicaRecord) -> bool:
         st = self.svc.target.states.get(rec.target_uuid) if rec.target_uuid else None
         return bool(st is not None and st.connected)
 
-    def _own_state(self, rec: ReplicaRecord) -> str:
-        queued = self._queued_bytes(rec)
-        if rec.data == "good" and queued > 0:
-            return "queuing"
-        return rec.data
+    def _own_state(self, rec: ReplicaRecord) -> tuple[str, str]:
+        """(data, reason) of this copy: our record, corrected by the target's own data
+        state (dtake.service.datastate: the source tells it in-band when it goes bad)."""
+        data, reason = rec.data, rec.reason
+        st = self.svc.target.states.get(rec.target_uuid) if rec.target_uuid else None
+        ds = getattr(st, "data_state", "OK") if st is not None else "OK"
+        if data == "good" and ds != "OK":
+            data = _data_from_source_state(ds)
+            reason = getattr(st, "data_state_reason", "") or ds
+        if data == "good" and self._queued_bytes(rec) > 0:
+            data, reason = "queuing", "data in queue on the target"
+        return data, reason
 
     def status(self, resource: str) -> dict[str, Any]:
         with self._lock:
@@ -490,10 +469,10 @@ class ReplicaManager:
                             "last_error": cs["last_error"],
                         }
                     )
-                own = "good"
+                own, reason = "good", rec.reason
                 text = status_text([(t["node"], t["state"]) for t in targets])
             else:
-                own = self._own_state(rec)
+                own, reason = self._own_state(rec)
                 text = status_text([(node, own)]) if own == "good" else target_sentence(node, own)
             snaps = self._snapshots() is not None
             snap_list = self._snapshot_list(rec) if snaps else []
@@ -511,7 +490,7 @@ class ReplicaManager:
                 "sequence": seq,
                 "history": list(rec.history),
                 "data": own,
-                "reason": rec.reason,
+                "reason": reason,
                 "control": rec.control,
                 "status_text": text,
                 "source_node": rec.source_node,
@@ -726,7 +705,7 @@ class ReplicaManager:
                 rec.reason = f"reverted to snapshot {snaps[-1].get('id')} by {user}"
                 self.svc.events.emit(10007, **ev)
             elif action == "flush-target":
-                self._handler("target_queue_flush")(uuid=rec.target_uuid)
+                self._flush_target_queue(rec)
                 rec.control = "accepted"
                 rec.reason = f"target queue discarded by {user}"
                 self.svc.events.emit(10008, **ev)
@@ -755,13 +734,6 @@ class ReplicaManager:
         self.save()
         return {"resource": resource, "forgotten": True}
 
-    def close(self) -> None:
-        with self._lock:
-            fds, self._block_fds = list(self._block_fds.values()), {}
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
 
 def install(svc: Service) -> ReplicaManager:
     from dtake.service.events import EVENTS
@@ -770,13 +742,8 @@ def install(svc: Service) -> ReplicaManager:
         EVENTS.setdefault(k, v)
     mgr = ReplicaManager(svc)
     mgr.drop_managed_connections()
-    # Re-block the read-only copies of replicas that are started (service restart).
-    for rec in list(mgr.replicas.values()):
-        if rec.role == "Unpromoted":
-            try:
-                mgr.block(rec.directory)
-            except (DtakeError, OSError) as exc:
-                log.error("replica %s: %s", rec.resource, exc)
+    # The blocked paths of started replicas persist with the blocking feature
+    # (blocked.json), so a restarted service re-blocks them itself.
     svc.target.observers.append(mgr)
     svc.register("replica_status", mgr.status, read_only=True)
     svc.register("replica_list", mgr.list_all, read_only=True)
