@@ -32,7 +32,7 @@ log = logging.getLogger("dtake")
 # Feature modules: each defines install(svc) -> object, called at start before the
 # connections are restored; it may register control commands (svc.register) and keep
 # its object in svc.features[name].
-FEATURES: tuple[str, ...] = ("dtake.service.datafeatures",)
+FEATURES: tuple[str, ...] = ("dtake.service.datafeatures", "dtake.service.replica")
 
 TEMP_MARK = ".dtake-"  # target temp files: ".<name>.dtake-<token>" (dtake.service.apply)
 

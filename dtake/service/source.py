@@ -524,6 +524,10 @@ class Connection:
                 fs, self.svc.key, node_id=self.svc.node_id, info={"conn": self.rec.uuid}
             )
             self.peer_node = peer.node_id
+            extra: dict[str, Any] = {}  # other features' fields (replica generation)
+            for name, feat in list(self.svc.features.items()):
+                if hasattr(feat, "open_fields") and name != "dtake.service.datafeatures":
+                    extra.update(feat.open_fields(self))
             fs.send_obj(
                 MsgType.REQUEST,
                 {
@@ -537,6 +541,7 @@ class Connection:
                     "source_node": self.svc.node_id,
                     "source_base": self.base,
                     **datastate.open_fields(self),
+                    **extra,
                 },
             )
             mtype, resp = fs.recv_obj(timeout=30)

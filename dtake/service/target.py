@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dtake.errors import E
-from dtake.ops import Op
+from dtake.ops import Op, OpKind
 from dtake.service.datafeatures import peer_request, target_opened, target_root, write_dropped
 
 if TYPE_CHECKING:
@@ -77,6 +77,9 @@ class TargetServer:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._last_save = 0.0
+        # Feature objects notified of target events (dtake.service.replica): each may
+        # define target_opened(st, req), target_barrier(st, op), target_failed(st, op).
+        self.observers: list[Any] = []
         for d in svc.store.load("targets.json", []):
             st = TargetState(
                 uuid=d["uuid"],
@@ -208,9 +211,12 @@ class TargetServer:
                             continue
                         try:
                             tree.apply(op)
+                            if op.kind == OpKind.BARRIER and op.tags:
+                                self._notify("target_barrier", state, op)
                         except Exception as exc:
                             # [L4150]: the op is dropped and the target needs a mirror.
                             write_dropped(self.svc, state, op.path, exc)
+                            self._notify("target_failed", state, op)
                             state.failures += 1
                             failed.append({"seq": op.seq, "path": op.path, "error": str(exc)})
                             log.warning("apply %s %s failed: %s", op.kind.name, op.path, exc)
@@ -261,7 +267,17 @@ class TargetServer:
             st.connected = True
         target_opened(self.svc, st, req)  # block the path, adopt the data state
         self.save()
+        self._notify("target_opened", st, req)
         return st, ""
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        for ob in self.observers:
+            fn = getattr(ob, hook, None)
+            if fn is not None:
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("target hook %s failed", hook)
 
     def _persist_position(self, state: TargetState) -> None:
         # Persisted lazily (at most twice a second, and when the session ends). After a
