@@ -39,7 +39,9 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +181,26 @@ class SourceQueue:
         self.stats = {"spilled_items": 0, "refilled_items": 0, "dropped_stale": 0}
         if journal is not None:
             self._open_journal(journal)
+
+    @classmethod
+    def for_connection(
+        cls, qcfg: Any, host: str, port: int, con_id: int, conn_uuid: str
+    ) -> SourceQueue:
+        """The queue of one connection from the service's queue settings: memory only
+        when DiskQueueMaxSize is 0, else with transaction logs in DiskQueueFolder."""
+        from dtake.service.diskqueue import journal_prefix
+
+        mem = int(float(qcfg.memory_max_mb) * 1024 * 1024)
+        disk_max = qcfg.disk_max_mb
+        if disk_max is not None and float(disk_max) <= 0:
+            return cls(mem)
+        journal = DiskJournal(
+            qcfg.disk_folder,
+            journal_prefix(host, port, con_id, conn_uuid),
+            max_bytes=None if disk_max is None else int(float(disk_max) * 1024 * 1024),
+            free_min_bytes=int(float(qcfg.disk_free_min_mb) * 1024 * 1024),
+        )
+        return cls(mem, journal=journal)
 
     # -- journal ---------------------------------------------------------------
     def _open_journal(self, journal: DiskJournal) -> None:
@@ -359,6 +381,11 @@ class SourceQueue:
                     return False
             return True
 
+    def pending(self, kind: str, path: str) -> bool:
+        """Is an item of ``kind`` for ``path`` waiting in memory?"""
+        with self.cond:
+            return (kind, path) in self._pending
+
     def disk_may_hold(self, path: str) -> bool:
         """May items for ``path`` or below it be held only on disk? (Then a rename of
         ``path`` must be followed by a re-send of its destination.)"""
@@ -393,6 +420,26 @@ class SourceQueue:
                 if not self.cond.wait(timeout):
                     return None
                 timeout = 0 if timeout is not None else None
+
+    def wait_room(self, stop: Callable[[], bool]) -> None:
+        """Mirror flow control: wait while the queue is more than half full (memory)
+        or holds items on disk, so a mirror walk never exhausts it ([L4994]: the
+        mirror is paused and resumed by itself when the target cannot keep up)."""
+        while not stop():
+            with self.cond:
+                if not self.spilled and self._bytes <= self.max_bytes // 2:
+                    return
+            time.sleep(0.05)
+
+    def unget(self, item: Item) -> None:
+        """Put back an item the sender could not finish (the socket was lost): it is
+        taken again first, after the reconnect."""
+        with self.cond:
+            self._items.appendleft(item)
+            self._bytes += item.cost()
+            if item.lazy is not None and item.lazy != LazyKind.MIRROR_END:
+                self._pending.setdefault((item.lazy, item.path), item)
+            self.cond.notify_all()
 
     # -- acknowledgements (journal trimming) -----------------------------------
     def note_sent(self, order: int, first_seq: int) -> None:

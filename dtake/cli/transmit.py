@@ -1,0 +1,159 @@
+"""`dtake` subcommands for queues and transmission: target pause/resume, transmission
+schedules, bandwidth limits and compression (seed §5.2, §6.1, §12).
+
+Registered in ``dtake.cli.main.EXTENSIONS``. ``target`` acts on the service that is the
+target; ``transmit schedule``, ``bandwidth`` and ``compression`` act on the source, for
+one target IP (or a connection ID standing for its target IP): the seed shares them
+between all connections from one source to the same target IP [L5501, L5534, L5573].
+``dtake transmit start|stop|pause|resume ID`` stays in ``dtake.cli.main``;
+the schedule is ``dtake transmit-schedule TARGET ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["add_parsers", "run"]
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    tp = sub.add_parser(
+        "target",
+        parents=[common],
+        help="pause/resume applying on this target server (all its connections) [L4987-4999]",
+    ).add_subparsers(dest="action", required=True)
+    tp.add_parser("pause", parents=[common], help="finish ops in progress, then hold (Paused)")
+    tp.add_parser("resume", parents=[common], help="apply the target queue again")
+    tp.add_parser("status", parents=[common], help="target status and target queue figures")
+
+    s = sub.add_parser(
+        "bandwidth",
+        parents=[common],
+        help="bandwidth limit shared by all connections to one target IP [L5528-5566]",
+    )
+    s.add_argument("target", help="target IP (as used in connect) or a connection ID")
+    s.add_argument(
+        "action",
+        nargs="?",
+        default="show",
+        choices=("show", "none", "fixed", "scheduled", "import", "export"),
+        help="none: no limit; fixed: --kbps; scheduled: the weekly schedule; import FILE "
+        "replaces the schedule; export prints it as XML",
+    )
+    s.add_argument("file", nargs="?", help="XML file for import")
+    s.add_argument("--kbps", type=float, help="fixed limit in kbps (>= 28.8, never 0)")
+
+    s = sub.add_parser(
+        "compression",
+        parents=[common],
+        help="compression shared by all connections to one target IP [L5569-5583]",
+    )
+    s.add_argument("target", help="target IP or a connection ID")
+    s.add_argument("action", nargs="?", default="show", choices=("show", "set", "off"))
+    s.add_argument("--algorithm", default="zlib", choices=("zlib", "zstd", "none"))
+    s.add_argument("--level", type=int, help="zlib 1-9, zstd 1-19 (default: the codec's)")
+
+    # `dtake transmit ACTION ID` (dtake.cli.main) takes a numeric ID, so the schedule,
+    # which belongs to a target IP, is its own subcommand.
+    s = sub.add_parser(
+        "transmit-schedule",
+        parents=[common],
+        help="transmission schedule for one target IP: start/stop criteria, window [L5497-5526]",
+    )
+    _schedule_args(s)
+
+
+def _schedule_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("target", help="target IP or a connection ID")
+    s.add_argument(
+        "action", nargs="?", default="show", choices=("show", "set", "enable", "disable", "clear")
+    )
+    s.add_argument("--start-at", action="append", metavar="HH:MM", help="daily start time")
+    s.add_argument("--start-queued-mb", type=float, help="start once this much is queued")
+    s.add_argument("--stop-at", metavar="HH:MM", help="daily stop time")
+    s.add_argument("--stop-after-min", type=float, help="stop after transmitting this long")
+    s.add_argument(
+        "--window", nargs=2, metavar=("BEGIN", "END"), help="HH:MM HH:MM (may cross midnight)"
+    )
+
+
+def _print(obj: Any, args: argparse.Namespace, text: str) -> None:
+    print(json.dumps(obj, indent=1, default=str) if args.json else text)
+
+
+def run(args: argparse.Namespace, cl: Any) -> int | None:
+    if args.cmd == "target":
+        r = cl.call("target", action=args.action)
+        _print(
+            r,
+            args,
+            f"target {r['status']}: {r['queue_ops']} ops, {r['queue_bytes']} bytes queued",
+        )
+        return 0
+    if args.cmd == "transmit-schedule":
+        r = cl.call(
+            "transmit_schedule",
+            target=args.target,
+            action=args.action,
+            start_at=args.start_at,
+            start_queued_mb=args.start_queued_mb,
+            stop_at=args.stop_at,
+            stop_after_min=args.stop_after_min,
+            window=args.window,
+        )
+        sch = r["schedule"]
+        text = (
+            f"{r['target']}: schedule {'enabled' if sch['enabled'] else 'disabled'}, "
+            f"transmission {'active' if r['active'] else 'waiting'}; start at "
+            f"{', '.join(sch['start_at']) or '-'}, start at {sch['start_queued_mb'] or '-'} MB "
+            f"queued, stop at {sch['stop_at'] or '-'}, stop after "
+            f"{sch['stop_after_min'] or '-'} min, window "
+            f"{'-'.join(sch['window']) if sch['window'] else 'none'}"
+        )
+        _print(r, args, text)
+        return 0
+    if args.cmd == "bandwidth":
+        xml = None
+        if args.action == "import":
+            if not args.file:
+                raise SystemExit("dtake bandwidth TARGET import FILE")
+            with open(args.file, encoding="utf-8") as fh:
+                xml = fh.read()
+        r = cl.call("bandwidth", target=args.target, action=args.action, kbps=args.kbps, xml=xml)
+        if args.action == "export" and not args.json:
+            print(r["xml"], end="")
+            return 0
+        bw, lim = r["bandwidth"], r["limiter"]
+        limit = lim["limit_kbps"]
+        text = (
+            f"{r['target']}: mode {bw['mode']}, limit now "
+            f"{'Unlimited' if limit is None else f'{limit:g} kbps'}"
+            f"{' (' + r['period'] + ')' if bw['mode'] == 'scheduled' else ''}; "
+            f"{len(bw['events'])} scheduled event(s); sent {lim['bytes_total']} bytes, "
+            f"waited {lim['waited_s']} s"
+        )
+        _print(r, args, text)
+        return 0
+    if args.cmd == "compression":
+        r = cl.call(
+            "compression",
+            target=args.target,
+            action=args.action,
+            algorithm=args.algorithm,
+            level=args.level,
+        )
+        comp = r["compression"]
+        lines = [
+            f"{r['target']}: compression {comp[0] + ' ' + str(comp[1]) if comp else 'per connection'}"
+        ]
+        for c in r["connections"]:
+            lines.append(
+                f"  connection {c['id']}: {c['compression']} {c['level'] or ''}  sent "
+                f"{c['bytes_sent_uncompressed']} bytes, {c['bytes_sent_compressed']} on the "
+                f"wire (ratio {c['compression_ratio']})"
+            )
+        _print(r, args, "\n".join(lines))
+        return 0
+    return None
