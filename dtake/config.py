@@ -38,10 +38,11 @@ SYSTEM_DIRS = (
 
 @dataclass
 class QueueConfig:
-    memory_max_mb: int = 128
+    memory_max_mb: float = 128  # QMemoryBufferMax (fractions: tests, small hosts)
     disk_folder: str = "/var/lib/dtake/queue"
-    disk_max_mb: int | None = None  # None = UNLIMITED
-    disk_free_min_mb: int = 50
+    disk_max_mb: float | None = None  # None = UNLIMITED; 0 = memory only, no logs
+    disk_free_min_mb: float = 50
+    target_memory_max_mb: float = 64  # target queue (dtake.service.targetqueue)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class ServiceConfig:
     auto_reconnect: bool = True
     auto_remirror: bool = True
     reconnect_interval_s: float = 2.0
+    reconnect_retry_limit: int = 0  # failed attempts before giving up (0 = forever)
+    auto_remirror_mode: str = "differences"  # mirror run by auto-remirror
     queue: QueueConfig = field(default_factory=QueueConfig)
     source_file: str | None = None
     # Snapshots, orphans, verification log, log rotation, metrics (dtake.service.datafeatures).
@@ -110,10 +113,11 @@ def load_config(path: str) -> ServiceConfig:
     state_dir = raw.get("state_dir", "/var/lib/dtake")
     disk_max = q.get("disk_max_mb", "unlimited")
     queue = QueueConfig(
-        memory_max_mb=int(q.get("memory_max_mb", 128)),
+        memory_max_mb=float(q.get("memory_max_mb", 128)),
         disk_folder=str(q.get("disk_folder", os.path.join(state_dir, "queue"))),
-        disk_max_mb=None if isinstance(disk_max, str) else int(disk_max),
-        disk_free_min_mb=int(q.get("disk_free_min_mb", 50)),
+        disk_max_mb=None if isinstance(disk_max, str) else float(disk_max),
+        disk_free_min_mb=float(q.get("disk_free_min_mb", 50)),
+        target_memory_max_mb=float(q.get("target_memory_max_mb", 64)),
     )
     cfg = ServiceConfig(queue=queue, source_file=path)
     for key in (
@@ -131,6 +135,8 @@ def load_config(path: str) -> ServiceConfig:
         "auto_reconnect",
         "auto_remirror",
         "reconnect_interval_s",
+        "reconnect_retry_limit",
+        "auto_remirror_mode",
         "data_safety",
     ):
         if key in raw:

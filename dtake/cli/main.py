@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Feature modules add subcommands without touching this file: each module in
 # EXTENSIONS defines add_parsers(subparsers, common) and
 # run(args, client) -> int | None (None: not my command).
-EXTENSIONS: tuple[str, ...] = ("dtake.cli.data", "dtake.cli.grd")
+EXTENSIONS: tuple[str, ...] = ("dtake.cli.data", "dtake.cli.grd", "dtake.cli.transmit")
 
 
 def _extensions() -> list[Any]:

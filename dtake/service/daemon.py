@@ -32,7 +32,11 @@ log = logging.getLogger("dtake")
 # Feature modules: each defines install(svc) -> object, called at start before the
 # connections are restored; it may register control commands (svc.register) and keep
 # its object in svc.features[name].
-FEATURES: tuple[str, ...] = ("dtake.service.datafeatures", "dtake.service.replica")
+FEATURES: tuple[str, ...] = (
+    "dtake.service.datafeatures",
+    "dtake.service.transmit",
+    "dtake.service.replica",
+)
 
 TEMP_MARK = ".dtake-"  # target temp files: ".<name>.dtake-<token>" (dtake.service.apply)
 
@@ -369,7 +373,9 @@ class Service:
         c.stop()
         self.save_connections()
         self.events.emit(4017, target=c.label, repset=c.rec.repset, con_id=c.rec.id)
-        return {"id": c.rec.id, "disconnected": True, "discarded_items": len(c.queue)}
+        discarded = len(c.queue)
+        c.queue.discard()  # its transaction logs go with it
+        return {"id": c.rec.id, "disconnected": True, "discarded_items": discarded}
 
     def mirror(self, con_id: int, action: str, mode: str | None = None) -> dict[str, Any]:
         c = self._conn(con_id)
@@ -394,6 +400,7 @@ class Service:
         if action not in states:
             raise DtakeError(E.INVALID_COMMAND, f"unknown transmit action {action!r}")
         c.rec.transmit = states[action]
+        c.tx.on_transmit(action)  # events 4014/4015, manual retry
         c.queue.notify()
         self.save_connections()
         return c.status()

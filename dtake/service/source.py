@@ -32,6 +32,7 @@ from dtake.rules import RuleSet
 from dtake.service import datastate
 from dtake.service.datastate import DataEvent
 from dtake.service.queue import Item, LazyKind, SourceQueue
+from dtake.service.transmit import TransmitControl
 
 if TYPE_CHECKING:
     from dtake.service.daemon import Service
@@ -85,7 +86,9 @@ class Connection:
         self.rec = rec
         self.rules = rules
         self.base = rules.base()
-        self.queue = SourceQueue(svc.cfg.queue.memory_max_mb * 1024 * 1024)
+        self.queue = SourceQueue.for_connection(svc.cfg.queue, rec.host, rec.port, rec.id, rec.uuid)
+        self.tx = TransmitControl(self)  # transmission, recovery (dtake.service.transmit)
+        self._item_order = 0  # queue item whose first op is next (replay position)
         self.epoch = uuidlib.uuid4().hex
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -153,6 +156,7 @@ class Connection:
         self.queue.notify()
         self._close_socket()
         self._worker.join(timeout)
+        self.queue.close(clean=True)  # the logs stay for the next start
 
     @property
     def label(self) -> str:
@@ -172,7 +176,7 @@ class Connection:
         self, kind: str, path: str, *, is_dir: bool = False, dest: str | None = None
     ) -> None:
         """Called by the capture thread for events inside this connection's set."""
-        if self.replication == "Stopped":
+        if self.replication == "Stopped" or not self.tx.accepting():
             return
         ok = True
         q = self.queue
@@ -193,8 +197,11 @@ class Connection:
             dst_in = self.rules.matches(dest, is_dir=is_dir)
             rs, rd = self.rel(path), self.rel(dest)
             if src_in and dst_in and rs and rd:
+                # Items only on disk are not moved (queue.py); a directory created
+                # so recently that its rescan may have missed it is walked again.
+                resend = q.disk_may_hold(path) or (is_dir and q.pending(LazyKind.MKDIR, path))
                 ok = q.put_rename(path, dest, Op(OpKind.RENAME, rs, new_path=rd))
-                if self.mirror_status != "Idle":
+                if self.mirror_status != "Idle" or resend:
                     # A mirror may already have sent `dest` and the rename would put
                     # older data over it: re-send what is at `dest` now.
                     self._enqueue_subtree(dest, "realtime")
@@ -203,7 +210,7 @@ class Connection:
             elif dst_in:
                 ok = self._enqueue_subtree(dest, "realtime")
         if not ok:
-            self.gap("queue exhausted", event=51002)
+            self.tx.exhausted(self.queue.exhausted_reason or "queue exhausted")
 
     def _enqueue_subtree(self, top: str, mode: str) -> bool:
         try:
@@ -267,7 +274,7 @@ class Connection:
         self.replication = "Pending"
         if self.svc.cfg.auto_remirror and self.rec.target_data_state not in datastate.HOLD:
             self.stats["remirrors"] += 1
-            self.start_mirror("differences", restart=True)
+            self.start_mirror(self.svc.cfg.auto_remirror_mode, restart=True)
 
     def set_data_state(self, value: str) -> None:
         # Written before the data changes (write-ahead): a crash cannot leave a stale "OK".
@@ -353,6 +360,7 @@ class Connection:
                     # Connection lost during the walk: walk again once reconnected
                     # (queued items are deduplicated; nothing is sent twice needlessly).
                     if self.queue.overflowed:
+                        self.tx.exhausted(self.queue.exhausted_reason or "queue exhausted")
                         return
                     self._stop.wait(0.2)
         except Exception as exc:  # a failed mirror is visible, never silent
@@ -410,6 +418,9 @@ class Connection:
                 continue
             total += st.st_size if kind == "f" else 0
             self.mirror_total = total
+            # Flow control: the walk never fills the queue (it would exhaust it and
+            # loop through auto-disconnect); it waits for the sender instead.
+            self.queue.wait_room(lambda: cancel.is_set() or self._stop.is_set())
             ok = self.queue.put_lazy(
                 {"f": LazyKind.CONTENT, "d": LazyKind.MKDIR, "l": LazyKind.SYMLINK}[kind],
                 path,
@@ -472,15 +483,19 @@ class Connection:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if self.rec.transmit == "Stopped":
+                gate = self.tx.gate()  # transmit state, schedule, recovery
+                if gate == "Stopped":
                     self._close_socket()
                     time.sleep(0.1)
                     continue
                 if self._fs is None:
+                    self.tx.before_connect()
                     if not self._connect():
-                        self._stop.wait(self.svc.cfg.reconnect_interval_s)
+                        self._stop.wait(self.tx.connect_failed())
+                    else:
+                        self.tx.connected()
                     continue
-                if self.rec.transmit == "Paused" or self.rec.target_data_state in datastate.HOLD:
+                if gate == "Paused" or self.rec.target_data_state in datastate.HOLD:
                     self._flush_batch()
                     time.sleep(0.1)
                     continue
@@ -489,11 +504,14 @@ class Connection:
                     self._flush_batch()
                     continue
                 try:
+                    self._item_order = item.order
                     self._process(item)
                 except _Gap:
                     # Lost the socket in the middle of an item: what was sent is resent
-                    # from the in-flight window, the rest of the item is not; resync.
-                    self._needs_resync = True
+                    # from the in-flight window, and the item is processed again from
+                    # its start after the reconnect (every op kind is replay-safe, a
+                    # FILE_BEGIN restarts a transfer), so no resync is needed.
+                    self.queue.unget(item)
                     raise
             except _Gap:
                 continue
@@ -557,6 +575,7 @@ class Connection:
             self._set_error(f"Connection failed: {exc}")
             return False
         target_last = int(resp.get("last_seq", 0))
+        self.tx.opened(resp)  # where a reloaded queue resumes
         datastate.on_open_response(self, resp)
         self._codec = get_codec(self.rec.compression, self.rec.compression_level)
         with self._lock:
@@ -629,6 +648,7 @@ class Connection:
             while True:
                 mtype, obj = fs.recv_obj(timeout=None)
                 if mtype == MsgType.ACK:
+                    self.tx.ack_info(obj)  # target queue figures
                     self._on_ack(int(obj["seq"]), obj.get("failed") or [])
                 elif mtype == MsgType.RESPONSE:
                     with self._ack_cond:
@@ -644,6 +664,7 @@ class Connection:
                 self._lost(str(exc))
 
     def _on_ack(self, seq: int, failed: list[dict[str, Any]]) -> None:
+        self.queue.acked(seq)  # trims the queue's logs
         with self._ack_cond:
             if seq > self.acked_seq:
                 self.acked_seq = seq
@@ -904,6 +925,12 @@ class Connection:
                 raise _Gap()
             op.seq = self.next_seq
             self.next_seq += 1
+            if self._item_order and self.queue.journal is not None:
+                # First op of a queue item: the target records how far the queue got,
+                # so a restart replays from there (dtake.service.queue).
+                op.tags["qo"] = self._item_order
+                self.queue.note_sent(self._item_order, op.seq)
+            self._item_order = 0
             self._inflight.append((op.seq, op))
             self._inflight_bytes += op.wire_size()
             self._batch.append(op)
@@ -921,7 +948,8 @@ class Connection:
             self._batch_bytes = 0
             fs = self._fs
         if batch and fs is not None:
-            fs.send_obj(MsgType.OPS, [op.to_wire() for op in batch], compress=self._codec)
+            wire = fs.send_obj(MsgType.OPS, [op.to_wire() for op in batch], compress=self._codec)
+            self.tx.after_send(fs, wire)  # byte counters, bandwidth limit
 
     # ------------------------------------------------------------------ status
     def idle(self) -> bool:
@@ -968,25 +996,27 @@ class Connection:
             repl = "Replicating"
         else:
             repl = "Ready"
-        return {
-            "id": self.rec.id,
-            "uuid": self.rec.uuid,
-            "repset": self.rec.repset,
-            "target": self.label,
-            "target_path": self.rec.target_path,
-            "state": self.transmit_state(),
-            "mirror_status": mirror,
-            "mirror_mode": self.mirror_mode_running,
-            "replication_status": repl,
-            "target_data_state": self.rec.target_data_state,
-            "connected_since": self.connected_since,
-            "queued_items": queued,
-            "queued_bytes": self.queue.bytes,
-            "unacked_ops": len(self._inflight),
-            "next_seq": self.next_seq,
-            "acked_seq": self.acked_seq,
-            "last_error": self.last_error,
-            "orphans": self.rec.orphans,
-            "compression": self.rec.compression,
-            "stats": dict(self.stats),
-        }
+        return self.tx.decorate(
+            {
+                "id": self.rec.id,
+                "uuid": self.rec.uuid,
+                "repset": self.rec.repset,
+                "target": self.label,
+                "target_path": self.rec.target_path,
+                "state": self.transmit_state(),
+                "mirror_status": mirror,
+                "mirror_mode": self.mirror_mode_running,
+                "replication_status": repl,
+                "target_data_state": self.rec.target_data_state,
+                "connected_since": self.connected_since,
+                "queued_items": queued,
+                "queued_bytes": self.queue.bytes,
+                "unacked_ops": len(self._inflight),
+                "next_seq": self.next_seq,
+                "acked_seq": self.acked_seq,
+                "last_error": self.last_error,
+                "orphans": self.rec.orphans,
+                "compression": self.rec.compression,
+                "stats": dict(self.stats),
+            }
+        )

@@ -28,6 +28,14 @@ __all__ = ["TargetServer", "TargetState"]
 log = logging.getLogger("dtake.target")
 
 SCAN_CHUNK = 2000
+
+
+def _tq_figures(svc: Any, uuid: str) -> dict[str, Any]:
+    from dtake.service.targetqueue import tq_figures
+
+    return tq_figures(svc, uuid)
+
+
 # In-band requests answered by dtake.service.datafeatures (data state, close, orphans, read).
 PEER_OPS = frozenset({"data_state", "close", "orphans", "read"})
 
@@ -47,6 +55,8 @@ class TargetState:
     bytes_applied: int = 0
     failures: int = 0
     connected: bool = False
+    qid: str = ""  # the source queue's identity and the last item of it applied
+    last_item: int = 0
     # Target data state of this copy (dtake.service.datastate), persisted write-ahead.
     data_state: str = "Mirror Required"
     data_state_reason: str = ""
@@ -62,6 +72,8 @@ class TargetState:
             "conn_id": self.conn_id,
             "epoch": self.epoch,
             "last_seq": self.last_seq,
+            "qid": self.qid,
+            "last_item": self.last_item,
             "data_state": self.data_state,
             "data_state_reason": self.data_state_reason,
             "block": self.block,
@@ -89,6 +101,8 @@ class TargetServer:
                 conn_id=int(d.get("conn_id", 0)),
                 epoch=d.get("epoch", ""),
                 last_seq=int(d.get("last_seq", 0)),
+                qid=str(d.get("qid", "")),
+                last_item=int(d.get("last_item", 0)),
                 data_state=str(d.get("data_state", "Mirror Required")),
                 data_state_reason=str(d.get("data_state_reason", "")),
                 block=bool(d.get("block", False)),
@@ -191,12 +205,22 @@ class TargetServer:
         state.session = fs
         fs.send_obj(
             MsgType.RESPONSE,
-            {"id": 0, "last_seq": state.last_seq, "data_state": state.data_state, "more": False},
+            {
+                "id": 0,
+                "last_seq": state.last_seq,
+                "qid": state.qid,
+                "last_item": state.last_item,
+                "data_state": state.data_state,
+                "more": False,
+            },
         )
         tree = state.tree
         assert tree is not None
+        from dtake.service.targetqueue import ack_fields, frame_source
+
+        frames = frame_source(self.svc, state, fs)  # the target queue
         while True:
-            mtype, obj = fs.recv_obj(timeout=None)
+            mtype, obj = frames.recv_obj(timeout=None)
             if mtype == MsgType.OPS:
                 failed: list[dict[str, Any]] = []
                 with state.lock:
@@ -204,6 +228,9 @@ class TargetServer:
                         op = Op.from_wire(item)
                         if op.seq <= state.last_seq:
                             continue  # already applied (resent after a reconnect)
+                        if op.tags.get("qo"):
+                            # First op of a source queue item: all before it are applied.
+                            state.last_item = int(op.tags["qo"]) - 1
                         if state.data_state in ("Restore Required", "Snapshot Reverted"):
                             # [L5618-5621]: held until a restore or a user mirror; the
                             # source holds too once it has learnt the state.
@@ -225,7 +252,7 @@ class TargetServer:
                         state.bytes_applied += len(op.data)
                     seq = state.last_seq
                 self._persist_position(state)
-                fs.send_obj(MsgType.ACK, {"seq": seq, "failed": failed})
+                fs.send_obj(MsgType.ACK, {"seq": seq, "failed": failed, **ack_fields(frames)})
             elif mtype == MsgType.REQUEST:
                 self._answer(fs, tree, obj, state)
             elif mtype == MsgType.PING:
@@ -264,6 +291,8 @@ class TargetServer:
             if st.tree is None:
                 st.tree = TargetTree(target_root(self.svc, st, req))  # blocked: fd path
                 st.tree.cleanup_temp()
+            if req.get("qid") and req.get("qid") != st.qid:
+                st.qid, st.last_item = str(req["qid"]), 0  # another source queue
             st.connected = True
         target_opened(self.svc, st, req)  # block the path, adopt the data state
         self.save()
@@ -360,6 +389,7 @@ class TargetServer:
                     "ops_applied": st.ops_applied,
                     "bytes_applied": st.bytes_applied,
                     "failures": st.failures,
+                    **_tq_figures(self.svc, st.uuid),
                 }
                 for st in self.states.values()
             ]
