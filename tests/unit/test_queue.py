@@ -112,8 +112,9 @@ def test_free_space_floor_is_never_crossed(tmp_path: Any) -> None:
     def statvfs(_p: str) -> Any:
         return SimpleNamespace(f_bavail=free["bytes"] // 4096, f_frsize=4096)
 
-    j = DiskJournal(str(tmp_path), "h_1_1_x", max_bytes=None, free_min_bytes=50 * MB,
-                    statvfs=statvfs)
+    j = DiskJournal(
+        str(tmp_path), "h_1_1_x", max_bytes=None, free_min_bytes=50 * MB, statvfs=statvfs
+    )
     q = SourceQueue(1000, journal=j)
     ops(q, 100)
     assert not q.overflowed
@@ -212,7 +213,9 @@ def test_dedup_and_rename_in_memory(tmp_path: Any) -> None:
     assert not q.disk_may_hold(a)  # nothing on disk: the in-memory index is enough
     assert q.put_rename(a, b, Op(OpKind.RENAME, "a", new_path="b"))
     got = drain(q)
-    assert [(it.lazy, os.path.basename(it.path) if it.lazy else it.op and it.op.kind) for it in got] == [
+    assert [
+        (it.lazy, os.path.basename(it.path) if it.lazy else it.op and it.op.kind) for it in got
+    ] == [
         (None, OpKind.RENAME),
         (LazyKind.CONTENT, "b"),
     ]

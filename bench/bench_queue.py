@@ -1,0 +1,125 @@
+"""Source queue: daemon memory vs QMemoryBufferMax, disk spill and drain rate.
+
+For each memory limit, a source service queues changes to N new files while its target
+is down (so the queue spills to disk), and we read the daemon's RSS (VmRSS, VmHWM)
+before and after; then the target comes back and we time the drain until the trees are
+identical. Not a test: figures only.
+
+    .venv/bin/python bench/bench_queue.py [--files 60000] [--limits 1,8,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from dtake.protocol.auth import generate_key_file
+from dtake.testing import ServiceProcess, tree_diff
+
+
+def rss_kb(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0])
+    return out
+
+
+def status(svc: ServiceProcess) -> dict[str, Any]:
+    return dict(svc.call("status")["connections"][0])
+
+
+def one(root: str, key: str, mem_mb: float, files: int) -> dict[str, Any]:
+    src, dst = os.path.join(root, "src"), os.path.join(root, "dst")
+    os.makedirs(src)
+    a = ServiceProcess(
+        os.path.join(root, "a"),
+        "a",
+        key,
+        extra={
+            "queue": {
+                "memory_max_mb": mem_mb,
+                "disk_folder": os.path.join(root, "a", "state", "queue"),
+            }
+        },
+    ).start()
+    b = ServiceProcess(os.path.join(root, "b"), "b", key).start()
+    try:
+        a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+        cid = a.call("connect", repset="rs", host="127.0.0.1", port=b.port, target_path=dst)["id"]
+        a.call("wait", con_id=cid, timeout_s=60)
+        assert a.proc is not None
+        base = rss_kb(a.proc.pid)
+        b.stop()
+        rnd = random.Random(1)
+        for i in range(files):
+            d = os.path.join(src, f"d{i % 100:03}")
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, f"f{i:07}"), "wb") as fh:
+                fh.write(rnd.randbytes(64))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            q = status(a)["queue"]
+            if q["memory_items"] + q["disk_items"] >= files:
+                break
+            time.sleep(0.5)
+        time.sleep(1)
+        q = status(a)["queue"]
+        full = rss_kb(a.proc.pid)
+        t0 = time.monotonic()
+        b.start()
+        a.call("wait", con_id=cid, timeout_s=600)
+        drain = time.monotonic() - t0
+        same = tree_diff(src, dst) == []
+        return {
+            "memory_max_mb": mem_mb,
+            "files": files,
+            "memory_items": q["memory_items"],
+            "disk_items": q["disk_items"],
+            "log_bytes": q["log_bytes"],
+            "rss_idle_mb": base["VmRSS"] / 1024,
+            "rss_queued_mb": full["VmRSS"] / 1024,
+            "rss_growth_mb": (full["VmRSS"] - base["VmRSS"]) / 1024,
+            "drain_s": drain,
+            "drain_files_per_s": files / drain,
+            "identical": same,
+        }
+    finally:
+        a.stop()
+        b.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--files", type=int, default=60000)
+    ap.add_argument("--limits", default="1,8,64", help="memory limits in MB")
+    args = ap.parse_args()
+    top = tempfile.mkdtemp(prefix="bench-queue-")
+    key = os.path.join(top, "key")
+    generate_key_file(key)
+    try:
+        print(
+            f"{'mem MB':>6} {'in mem':>7} {'on disk':>8} {'logs MB':>8} {'RSS idle':>9} "
+            f"{'RSS queued':>10} {'growth':>7} {'drain s':>8} {'files/s':>8} same"
+        )
+        for lim in (float(x) for x in args.limits.split(",")):
+            r = one(tempfile.mkdtemp(dir=top), key, lim, args.files)
+            print(
+                f"{r['memory_max_mb']:>6g} {r['memory_items']:>7} {r['disk_items']:>8} "
+                f"{r['log_bytes'] / 1e6:>8.1f} {r['rss_idle_mb']:>9.1f} "
+                f"{r['rss_queued_mb']:>10.1f} {r['rss_growth_mb']:>7.1f} {r['drain_s']:>8.1f} "
+                f"{r['drain_files_per_s']:>8.0f} {r['identical']}"
+            )
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
