@@ -602,7 +602,7 @@ class Bench:
 
             def dtake_diff() -> None:
                 sync_fs()
-                pids = {"source": pair.a.proc.pid if pair.a.proc else 0}
+                pids = dict(zip(("source", "target"), pair.pids(), strict=True))
                 with self.prof.record(pids, f"diff-run{r}"):
                     cid, first, confirmed = pair.timed_mirror(
                         lambda: pair.connect("small", dst_d, "differences")

@@ -281,6 +281,12 @@ class FrameSocket:
         an I/O failure the connection is closed; after a bad header or payload only
         receiving stops, so the caller may still ``send_error`` -- then it must ``close``.
         """
+        mtype, payload = self._recv_payload(timeout)
+        return mtype, bytes(payload)
+
+    def _recv_payload(self, timeout: float | None) -> tuple[MsgType, bytes | bytearray]:
+        """``recv`` without the final copy: an uncompressed payload stays the bytearray it
+        was received into (msgpack decodes it as is; saves a memcpy per data byte)."""
         with self._recv_lock:
             self._check_usable(receiving=True)
             if timeout is not None and not self._wait_readable(timeout):
@@ -324,7 +330,9 @@ class FrameSocket:
             if wire_len:
                 self._recv_exact(memoryview(body), first=False)
             try:
-                payload = bytes(body) if codec is None else codec.decompress(body, raw_len)
+                payload: bytes | bytearray = (
+                    body if codec is None else codec.decompress(body, raw_len)
+                )
             except ProtocolError as exc:
                 self._break_recv(str(exc))
                 raise
@@ -342,7 +350,7 @@ class FrameSocket:
 
     def recv_obj(self, timeout: float | None = None) -> tuple[MsgType, Any]:
         """``recv`` plus msgpack decoding; undecodable payloads are a ProtocolError."""
-        mtype, payload = self.recv(timeout)
+        mtype, payload = self._recv_payload(timeout)
         try:
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises several unrelated types
