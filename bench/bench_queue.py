@@ -78,6 +78,7 @@ def one(root: str, key: str, mem_mb: float, files: int) -> dict[str, Any]:
         a.call("wait", con_id=cid, timeout_s=600)
         drain = time.monotonic() - t0
         same = tree_diff(src, dst) == []
+        ids = [int(e["id"]) for e in a.call("events", limit=5000)]
         return {
             "memory_max_mb": mem_mb,
             "files": files,
@@ -90,6 +91,8 @@ def one(root: str, key: str, mem_mb: float, files: int) -> dict[str, Any]:
             "drain_s": drain,
             "drain_files_per_s": files / drain,
             "identical": same,
+            "overflows": ids.count(51001),  # inotify overflowed: a difference mirror
+            "remirrors": status(a)["stats"]["remirrors"],
         }
     finally:
         a.stop()
@@ -115,7 +118,7 @@ def main() -> None:
                 f"{r['memory_max_mb']:>6g} {r['memory_items']:>7} {r['disk_items']:>8} "
                 f"{r['log_bytes'] / 1e6:>8.1f} {r['rss_idle_mb']:>9.1f} "
                 f"{r['rss_queued_mb']:>10.1f} {r['rss_growth_mb']:>7.1f} {r['drain_s']:>8.1f} "
-                f"{r['drain_files_per_s']:>8.0f} {r['identical']}"
+                f"{r['drain_files_per_s']:>8.0f} {r['identical']}  overflows {r['overflows']}"
             )
     finally:
         shutil.rmtree(top, ignore_errors=True)
