@@ -300,7 +300,9 @@ class ReplicaManager:
     def open_fields(self, conn: Connection) -> dict[str, Any]:
         """Source side: what the ``open`` request carries for a replica's connection."""
         rec = self.replicas.get(conn.rec.repset)
-        if rec is None or rec.role != "Promoted" or conn.rec.uuid not in rec.conn_uuids:
+        # By set name (GeoCluster names the set after the resource [L2541]): the uuid is
+        # recorded only after connect() returns, and the first open may come before.
+        if rec is None or rec.role != "Promoted":
             return {}
         return {
             "replica": rec.resource,
