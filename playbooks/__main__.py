@@ -1,0 +1,5 @@
+import sys
+
+from playbooks.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""Build the wheelhouse once: ``pip wheel`` of this repo and its dependencies.
+
+The wheelhouse is cached under ``build/wheelhouse/<digest>`` where the digest covers the
+sources that go into the wheel. Reusing the same bytes matters: dtsetup's software step
+compares the wheels' sha256, so a rebuilt (timestamp-different) wheel would reinstall on
+every run and a second deploy would not report ``changed=0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["REPO", "build_wheelhouse", "manifest", "source_digest"]
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("pyproject.toml", "dtake", "dtsetup", "resource_agents", "schemas")
+
+
+def source_digest(repo: Path = REPO) -> str:
+    h = hashlib.sha256()
+    for top in SOURCES:
+        p = repo / top
+        files = [p] if p.is_file() else sorted(p.rglob("*")) if p.is_dir() else []
+        for f in files:
+            if not f.is_file() or "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            h.update(str(f.relative_to(repo)).encode() + b"\0")
+            h.update(f.read_bytes())
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def manifest(house: Path) -> dict[str, str]:
+    """wheel file name -> sha256, the comparison key of the upload task."""
+    out: dict[str, str] = {}
+    for f in sorted(house.glob("*.whl")):
+        out[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def build_wheelhouse(
+    *, repo: Path = REPO, cache: Path | None = None, python: str = sys.executable
+) -> tuple[Path, bool]:
+    """(wheelhouse dir, built now?). Reuses the cached one for unchanged sources."""
+    cache = cache or repo / "build" / "wheelhouse"
+    house = cache / source_digest(repo)
+    if (house / ".complete").exists():
+        return house, False
+    tmp = cache / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    r = subprocess.run(
+        [python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(tmp), str(repo)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"pip wheel failed: {r.stderr.strip()[-2000:]}")
+    (tmp / ".complete").write_text("\n".join(sorted(manifest(tmp))) + "\n")
+    shutil.rmtree(house, ignore_errors=True)
+    os.replace(tmp, house)
+    return house, True
