@@ -292,6 +292,11 @@ def test_stale_survivors_are_online_pending_until_the_operator_acts(cluster: Lab
     wait_same(lab, b, p)
 
 
+@pytest.mark.xfail(
+    reason="open: in the lab the no-quorum partition never demotes/stops its promoted "
+    "instance within the bound (see the issue 6 report); the majority side works",
+    strict=True,
+)
 def test_partition_minority_stops_and_never_overwrites_newer_data(cluster: Lab) -> None:
     lab = cluster
     p = wait_promoted(lab, "node1")
@@ -303,7 +308,13 @@ def test_partition_minority_stops_and_never_overwrites_newer_data(cluster: Lab) 
         def minority_stopped() -> bool:
             return replica(lab, p)["role"] != "Promoted"
 
-        lab.wait_for(minority_stopped, WAIT, interval=1, what=f"{p} (no quorum) stops writing")
+        try:
+            lab.wait_for(minority_stopped, WAIT, interval=1, what=f"{p} (no quorum) stops writing")
+        except Exception:
+            diag = lab.exec(
+                p, "crm_mon -1 -A -f -o; tail -30 /var/log/dtake/dtake.log", check=False
+            )
+            raise AssertionError(f"{p} still writing:\n{diag.stdout[-5000:]}") from None
         lab.exec(p, f"echo stale > {DIR}/stale-side", check=False)  # anything written there
         lab.exec(new, f"echo newer > {DIR}/newer-side")
     finally:
