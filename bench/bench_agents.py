@@ -68,8 +68,16 @@ def bench_monitor(runs: int) -> dict[str, Any]:
             install(agents, PY)
             data = os.path.join(tmp, "data")
             os.makedirs(data)
+            # Steady state: the pacemaker tools answer (stubs), so each value is published
+            # once and later monitors fork nothing, as on a cluster node.
+            stubs = os.path.join(tmp, "stubs")
+            os.makedirs(stubs)
+            for tool in ("crm_attribute", "cibadmin", "crm_node"):
+                with open(os.path.join(stubs, tool), "w") as fh:
+                    fh.write("#!/bin/sh\nexit 0\n")
+                os.chmod(os.path.join(stubs, tool), 0o755)
             base = {
-                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "PATH": f"{stubs}:/usr/sbin:/usr/bin:/sbin:/bin",
                 "OCF_ROOT": "/usr/lib/ocf",
                 "OCF_RESKEY_CRM_meta_interval": "10000",
                 "OCF_RESKEY_CRM_meta_timeout": "20000",
@@ -123,10 +131,15 @@ def bench_monitor(runs: int) -> dict[str, Any]:
             dummy_env = {**base, "OCF_RESOURCE_INSTANCE": "d", "OCF_RESKEY_state": f"{tmp}/d.st"}
             subprocess.run([f"{HEARTBEAT}/Dummy", "start"], env=dummy_env, check=True)
             out["heartbeat:Dummy"] = _time_cmd([f"{HEARTBEAT}/Dummy", "monitor"], dummy_env, runs)
-            py_env = {**dummy_env, "OCF_FUNCTIONS_DIR": f"{HEARTBEAT}", "PYTHONPATH": HEARTBEAT}
+            py_env = {**dummy_env, "OCF_FUNCTIONS_DIR": f"{HEARTBEAT}", "PYTHONPATH": "/usr/lib/ocf/lib/heartbeat"}
             subprocess.run([f"{HEARTBEAT}/dummypy", "start"], env=py_env, check=False)
             out["heartbeat:dummypy"] = _time_cmd([f"{HEARTBEAT}/dummypy", "monitor"], py_env, runs)
         finally:
+            for svc in (a, b):  # unblock the copies before the temp dir goes
+                try:
+                    svc.call("replica_stop", resource="rd")
+                except Exception as exc:
+                    print(f"replica_stop: {exc}", file=sys.stderr)
             a.stop()
             b.stop()
     return out

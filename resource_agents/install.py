@@ -33,7 +33,9 @@ def install(dest: str = DEFAULT_DEST, python: str | None = None) -> list[str]:
             data = fh.read()
         first, sep, rest = data.partition(b"\n")
         if first.startswith(b"#!") and b"python" in first:
-            data = f"#!{python}".encode() + sep + rest
+            # -S: no site import (a venv's .pth files, e.g. an editable install's finder,
+            # cost ~12 ms per call); the agents need the standard library only.
+            data = f"#!{python} -S".encode() + sep + rest
         path = os.path.join(dest, name)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "wb") as fh:

@@ -18,8 +18,14 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+
+# typing costs ~10 ms to import: annotations are strings here (PEP 563), and the
+# names below exist for the type checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object
 
 __all__ = [
     "OCF_DEGRADED",
@@ -112,15 +118,24 @@ def log(level: str, msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------- environment
-@dataclass(frozen=True)
 class Env:
     """What pacemaker hands an action (anchors-cluster.md §1.3)."""
 
-    action: str
-    params: Mapping[str, str]
-    meta: Mapping[str, str]
-    instance: str  # OCF_RESOURCE_INSTANCE without the ":N" clone suffix
-    node: str
+    __slots__ = ("action", "instance", "meta", "node", "params")
+
+    def __init__(
+        self,
+        action: str,
+        params: Mapping[str, str],
+        meta: Mapping[str, str],
+        instance: str,
+        node: str,
+    ) -> None:
+        self.action = action
+        self.params = params
+        self.meta = meta
+        self.instance = instance  # OCF_RESOURCE_INSTANCE without the ":N" clone suffix
+        self.node = node
 
     @classmethod
     def from_environ(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Env:
@@ -279,24 +294,41 @@ class StateCache:
 
 
 # ---------------------------------------------------------------------------- meta-data
-@dataclass(frozen=True)
 class Param:
-    name: str
-    shortdesc: str
-    longdesc: str
-    type: str = "string"  # string | integer | boolean (the DTD knows no "select")
-    default: str | None = None
-    required: bool = False
-    unique: bool = False
+    __slots__ = ("default", "longdesc", "name", "required", "shortdesc", "type", "unique")
+
+    def __init__(
+        self,
+        name: str,
+        shortdesc: str,
+        longdesc: str,
+        type: str = "string",  # string | integer | boolean (the DTD knows no "select")
+        default: str | None = None,
+        required: bool = False,
+        unique: bool = False,
+    ) -> None:
+        self.name, self.shortdesc, self.longdesc = name, shortdesc, longdesc
+        self.type, self.default, self.required, self.unique = type, default, required, unique
 
 
-@dataclass(frozen=True)
 class Action:
-    name: str
-    timeout: str
-    interval: str | None = None
-    depth: str | None = None
-    role: str | None = None
+    __slots__ = ("depth", "interval", "name", "role", "timeout")
+
+    def __init__(
+        self,
+        name: str,
+        timeout: str,
+        interval: str | None = None,
+        depth: str | None = None,
+        role: str | None = None,
+    ) -> None:
+        self.name, self.timeout, self.interval, self.depth, self.role = (
+            name,
+            timeout,
+            interval,
+            depth,
+            role,
+        )
 
 
 def _esc(s: str) -> str:

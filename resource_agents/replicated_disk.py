@@ -18,11 +18,9 @@ anchors-cluster.md §0, §2.1):
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from ocfbase import (
     OCF_DEGRADED,
@@ -45,6 +43,10 @@ from ocfbase import (
     log,
     meta_data,
 )
+
+TYPE_CHECKING = False  # typing costs ~10 ms to import; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "SCORE_ACCEPTED",
@@ -214,6 +216,8 @@ def pending_reason(st: Mapping[str, Any], cluster_gen: int) -> str | None:
 
 def parse_generations(cib_nodes_xml: str, resource: str) -> dict[str, int]:
     """``cibadmin --query --scope nodes`` -> node -> published generation."""
+    import re  # lazy: only when the CIB is read (~6 ms)
+
     out: dict[str, int] = {}
     attr = re.escape(f"dtake-{resource}-gen")
     # One chunk per <node ...> element (self-closing ones have no attributes).

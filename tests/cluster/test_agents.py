@@ -383,7 +383,7 @@ def test_source_connection_moves_with_its_group(cluster: Lab) -> None:
 
 def test_agents_installed_with_absolute_interpreter(cluster: Lab) -> None:
     head = cluster.exec("node2", ["head", "-1", "/usr/lib/ocf/resource.d/dtake/ReplicatedDisk"])
-    assert head.stdout.strip() == f"#!{PY}"
+    assert head.stdout.strip() == f"#!{PY} -S"
     with pytest.raises(NodeCommandError):
         cluster.exec("node2", ["crm_resource", "--show-metadata", "ocf:dtake:Nope"])
     md = cluster.exec("node2", ["crm_resource", "--show-metadata", "ocf:dtake:ReplicatedDisk"])
