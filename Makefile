@@ -10,10 +10,11 @@ APT_PACKAGES := pacemaker pacemaker-cli-utils corosync resource-agents fence-age
 	python3-venv attr acl btrfs-progs lvm2 thin-provisioning-tools nftables
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv lint typecheck test test-unit test-integration test-cluster test-infra demo bench clean
+.PHONY: help deps venv lint typecheck test test-unit test-integration test-cluster test-infra demo demo-loopback bench clean
 
 help:
 	@echo "make demo   - set up and run the lab demo (the main job)"
+	@echo "make demo-loopback - the loopback replication demo (no cluster)"
 	@echo "make test   - set up and run every test layer (unit, integration, cluster, infra)"
 	@echo "make bench  - run the benchmarks in bench/ (prints tables, writes bench/results/*.json)"
 
@@ -56,7 +57,12 @@ test-cluster: deps venv
 test-infra: deps venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests/infra
 
+# The end-to-end demo (docs/demo.md): 3-node lab, install through the playbooks, failover,
+# online pending. Needs root. The loopback demo (no cluster) stays as demo-loopback.
 demo: deps venv
+	$(PY) -m playbooks.demo
+
+demo-loopback: venv
 	$(PY) -m dtake.demo
 
 bench: deps venv
