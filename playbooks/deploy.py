@@ -149,10 +149,10 @@ def _host(remote: Remote, res: HostResult, o: DeployOptions, wheels: dict[str, s
         return
     for step in report.get("steps", []):
         status = step.get("status", FAILED)
-        status = status if status in (OK, CHANGED, FAILED, SKIPPED) else FAILED
-        res.add(
-            f"dtsetup {step.get('name')}", status, step.get("summary", ""), step.get("diff", "")
-        )
+        summary = step.get("summary", "")
+        if status not in (OK, CHANGED, FAILED, SKIPPED):  # rolled_back
+            status, summary = FAILED, f"{status}: {summary}"
+        res.add(f"dtsetup {step.get('name')}", status, summary, step.get("diff", ""))
     errors = [x for x in report.get("reports", []) if x.get("severity") == "error"]
     if r.rc == 1 or errors:
         msg = "; ".join(f"{x.get('code')}: {x.get('message')}" for x in errors) or r.tail()
