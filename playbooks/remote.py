@@ -110,6 +110,14 @@ class FabricRemote:
         self._c = Connection(
             host, user=user, config=cfg, connect_timeout=connect_timeout, connect_kwargs=kwargs
         )
+        # A ProxyCommand (e.g. the lab's relay) runs as our own process on a socketpair:
+        # paramiko's ProxyCommand leaves its pipes and process behind when a connection
+        # fails or closes (ResourceWarning, zombies, a kill racing the reaper).
+        self._proxy_cmd: str | None = None
+        if isinstance(self._c.gateway, str):
+            self._proxy_cmd = _expand_proxy(host, self._c.port, self._c.gateway)
+            self._c.gateway = None
+        self._proxy: _Proxy | None = None
         self._opened = False
 
     def _open(self) -> None:
@@ -118,8 +126,12 @@ class FabricRemote:
         import paramiko  # type: ignore[import-untyped]
 
         try:
+            if self._proxy_cmd is not None:
+                self._proxy = _Proxy(self._proxy_cmd)
+                self._c.connect_kwargs["sock"] = self._proxy.sock
             self._c.open()
         except (OSError, EOFError, paramiko.SSHException) as e:
+            self.close()
             raise Unreachable(f"{type(e).__name__}: {e}".strip()) from e
         self._opened = True
 
@@ -170,6 +182,55 @@ class FabricRemote:
             self._c.close()
         except Exception:  # closing a broken transport must not turn a result into a crash
             pass
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
+
+
+def _expand_proxy(host: str, port: int, command: str) -> str:
+    from paramiko import SSHConfig
+
+    conf = SSHConfig.from_text(f"Host {host}\n    Port {port}\n    ProxyCommand {command}\n")
+    return str(conf.lookup(host)["proxycommand"])
+
+
+class _Proxy:
+    """A ProxyCommand on one end of a socketpair; paramiko gets the other end."""
+
+    def __init__(self, command: str) -> None:
+        import socket
+        import subprocess
+
+        parent, child = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                shlex.split(command),
+                stdin=child.fileno(),
+                stdout=child.fileno(),
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.sock = parent
+
+    def close(self) -> None:
+        import subprocess
+
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
 
 
 def fabric_connector(

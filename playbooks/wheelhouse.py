@@ -66,6 +66,10 @@ def build_wheelhouse(
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"pip wheel failed: {r.stderr.strip()[-2000:]}")
     (tmp / ".complete").write_text("\n".join(sorted(manifest(tmp))) + "\n")
-    shutil.rmtree(house, ignore_errors=True)
-    os.replace(tmp, house)
+    try:
+        os.replace(tmp, house)
+    except OSError:  # another run built the same sources meanwhile: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (house / ".complete").exists():
+            raise
     return house, True

@@ -3,7 +3,16 @@
 Against your own nodes::
 
     pytest tests/infra --hosts=ssh://root@node1,ssh://root@node2 \
-        [--dtake-config /etc/dtake/dtake.yaml] [--dtake-bin /opt/dtake/venv/bin/dtake] [--dtake-agents]
+        [--dtake-config /etc/dtake/dtake.yaml] [--dtake-bin /opt/dtake/venv/bin/dtake] \
+        [--dtake-agents] [--dtake-cluster [--dtake-nodes node1,node2]] [--dtake-version 0.1.0]
+
+Against lab nodes (lab/), through the lab's ssh_config::
+
+    pytest tests/infra --hosts=ssh://node1,ssh://node2,ssh://node3 \
+        --ssh-config=/run/dtake-lab-dtl/ssh/ssh_config --dtake-bin=/opt/dtake/venv/bin/dtake \
+        --dtake-agents --dtake-cluster
+
+(``python -m playbooks verify`` runs exactly this and maps the results to hosts.)
 
 Without ``--hosts`` (CI, a developer machine) the suite starts a real local service in a
 temporary directory and checks it through testinfra's local backend, so the same checks
@@ -35,13 +44,42 @@ def pytest_addoption(parser: Any) -> None:
     g.addoption(
         "--dtake-agents", action="store_true", help="also check the OCF agents are installed"
     )
+    g.addoption(
+        "--dtake-cluster",
+        action="store_true",
+        help="also check pacemaker: membership, quorum, dtake resource roles (crm_mon XML)",
+    )
+    g.addoption(
+        "--dtake-nodes",
+        default=None,
+        help="comma-separated node names the cluster must have online (default: the hosts' names)",
+    )
+    g.addoption(
+        "--dtake-version", default=None, help="expected dtake version (default: any, reported)"
+    )
 
 
 class Target:
-    def __init__(self, config: str, dtake_bin: str, agents: bool) -> None:
+    def __init__(
+        self,
+        config: str,
+        dtake_bin: str,
+        agents: bool,
+        *,
+        installed: bool = False,
+        cluster: bool = False,
+        nodes: list[str] | None = None,
+        version: str | None = None,
+    ) -> None:
         self.config = config
         self.dtake_bin = dtake_bin
         self.agents = agents
+        # installed: a host set up by dtsetup (record, service, firewall), not the local
+        # throwaway service of the default run
+        self.installed = installed
+        self.cluster = cluster
+        self.nodes = nodes or []
+        self.version = version
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +88,19 @@ def dtake_target(request: Any) -> Iterator[Target]:
     cfg = request.config.getoption("--dtake-config")
     binary = request.config.getoption("--dtake-bin")
     agents = bool(request.config.getoption("--dtake-agents"))
+    cluster = bool(request.config.getoption("--dtake-cluster"))
+    nodes = [n for n in (request.config.getoption("--dtake-nodes") or "").split(",") if n]
+    version = request.config.getoption("--dtake-version")
     if hosts:
-        yield Target(cfg or "/etc/dtake/dtake.yaml", binary or "dtake", agents)
+        yield Target(
+            cfg or "/etc/dtake/dtake.yaml",
+            binary or "dtake",
+            agents,
+            installed=True,
+            cluster=cluster,
+            nodes=nodes,
+            version=version,
+        )
         return
     from dtake.protocol.auth import generate_key_file
     from dtake.testing import ServiceProcess
@@ -62,7 +111,10 @@ def dtake_target(request: Any) -> Iterator[Target]:
     svc = ServiceProcess(os.path.join(work, "node"), "infra-node", key).start()
     try:
         yield Target(
-            svc.config_path, os.path.join(os.path.dirname(sys.executable), "dtake"), agents
+            svc.config_path,
+            os.path.join(os.path.dirname(sys.executable), "dtake"),
+            agents,
+            version=version,
         )
     finally:
         svc.stop()

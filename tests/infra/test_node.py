@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import yaml
@@ -76,3 +77,82 @@ def test_ocf_agents_installed(host: Any, dtake_target: Any) -> None:
         assert f.exists and f.mode & 0o111
         out = host.run(f"OCF_ROOT=/usr/lib/ocf {f.path} meta-data")
         assert out.rc == 0 and "<resource-agent" in out.stdout
+
+
+# ---------------------------------------------------------------- installed hosts (dtsetup)
+def _status(host: Any, target: Any) -> dict[str, Any]:
+    cfg = _config(host, target)
+    sock = cfg.get("control_socket", "/run/dtake/dtake.sock")
+    out = host.run(f"{target.dtake_bin} --socket {sock} --json status")
+    assert out.rc == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def _record(host: Any, target: Any) -> dict[str, Any]:
+    import pytest
+
+    if not target.installed:
+        pytest.skip("local service: not installed by dtsetup (run with --hosts)")
+    f = host.file("/etc/dtake/dtsetup.json")
+    assert f.exists, "/etc/dtake/dtsetup.json missing: not installed by dtsetup"
+    assert f.mode & 0o077 == 0, f"dtsetup record mode {oct(f.mode)}: holds settings, keep it 0600"
+    data = json.loads(f.content_string)
+    assert isinstance(data, dict)
+    return data
+
+
+def test_dtake_version(host: Any, dtake_target: Any) -> None:
+    version = str(_status(host, dtake_target)["version"])
+    if dtake_target.version:
+        assert version == dtake_target.version
+    else:
+        assert re.fullmatch(r"\d+\.\d+(\.\d+)?\S*", version), version
+
+
+def test_service_is_supervised_and_running(host: Any, dtake_target: Any) -> None:
+    record = _record(host, dtake_target)
+    init = (record.get("installed") or {}).get("init", "none")
+    if init == "systemd":
+        svc = host.service("dtake")
+        assert svc.is_running and svc.is_enabled
+    elif init == "supervisor":
+        folder = str((record.get("settings") or {}).get("DOUBLETAKEFOLDER", "/opt/dtake"))
+        out = host.run(f"{folder}/libexec/dtake-supervisor status --pidfile /run/dtake/dtake.pid")
+        assert out.rc == 0, f"dtake-supervisor status: {out.stdout}{out.stderr}"
+    else:
+        import pytest
+
+        pytest.skip(f"installed without a service (init {init})")
+
+
+def test_firewall_rule_for_the_service_port(host: Any, dtake_target: Any) -> None:
+    import pytest
+
+    fw = (_record(host, dtake_target).get("installed") or {}).get("firewall")
+    if not fw:
+        pytest.skip("SET_FWPORT=N: no firewall rule managed")
+    port, backend = int(fw["port"]), fw["backend"]
+    assert port == int(_config(host, dtake_target).get("port", 6320))
+    if backend == "nftables":
+        out = host.check_output("nft list table inet dtake")
+        assert f"tcp dport {port} accept" in out
+    elif backend == "firewalld":
+        assert f"{port}/tcp" in host.check_output("firewall-cmd --list-ports")
+    elif backend == "ufw":
+        assert f"{port}/tcp" in host.check_output("ufw status")
+    else:
+        pytest.fail(f"unknown firewall backend {backend}")
+
+
+def test_admin_and_monitor_groups_exist(host: Any, dtake_target: Any) -> None:
+    _record(host, dtake_target)
+    cfg = _config(host, dtake_target)
+    for group in (cfg.get("admin_group", "dtadmin"), cfg.get("monitor_group", "dtmon")):
+        assert host.group(group).exists, f"group {group} missing"
+
+
+def test_config_not_writable_by_others(host: Any, dtake_target: Any) -> None:
+    f = host.file(dtake_target.config)
+    assert f.mode & 0o022 == 0, f"{dtake_target.config} mode {oct(f.mode)}"
