@@ -59,18 +59,18 @@ class DemoReport:
     error: str = ""
 
     def summary(self) -> str:
-        out = ["", "=" * 64, f"dtake demo: {'PASSED' if self.ok else 'FAILED'}"]
+        out = ["", "=" * 76, f"dtake demo: {'PASSED' if self.ok else 'FAILED'}"]
         if self.error:
             out.append(f"  error: {self.error}")
-        out.append("  stage                                          seconds")
+        out.append(f"  {'stage':<64} seconds")
         for name, s in self.stages:
-            out.append(f"  {name:<46} {s:7.1f}")
-        out.append(f"  {'total':<46} {self.total:7.1f}")
+            out.append(f"  {name:<64} {s:7.1f}")
+        out.append(f"  {'total':<64} {self.total:7.1f}")
         if self.facts:
             out.append("  data checked:")
             for k, v in self.facts.items():
                 out.append(f"    {k}: {v}")
-        out.append("=" * 64)
+        out.append("=" * 76)
         return "\n".join(out)
 
 
