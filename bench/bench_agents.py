@@ -131,7 +131,11 @@ def bench_monitor(runs: int) -> dict[str, Any]:
             dummy_env = {**base, "OCF_RESOURCE_INSTANCE": "d", "OCF_RESKEY_state": f"{tmp}/d.st"}
             subprocess.run([f"{HEARTBEAT}/Dummy", "start"], env=dummy_env, check=True)
             out["heartbeat:Dummy"] = _time_cmd([f"{HEARTBEAT}/Dummy", "monitor"], dummy_env, runs)
-            py_env = {**dummy_env, "OCF_FUNCTIONS_DIR": f"{HEARTBEAT}", "PYTHONPATH": "/usr/lib/ocf/lib/heartbeat"}
+            py_env = {
+                **dummy_env,
+                "OCF_FUNCTIONS_DIR": f"{HEARTBEAT}",
+                "PYTHONPATH": "/usr/lib/ocf/lib/heartbeat",
+            }
             subprocess.run([f"{HEARTBEAT}/dummypy", "start"], env=py_env, check=False)
             out["heartbeat:dummypy"] = _time_cmd([f"{HEARTBEAT}/dummypy", "monitor"], py_env, runs)
         finally:
