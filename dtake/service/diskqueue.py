@@ -347,11 +347,7 @@ class DiskJournal:
         removed = 0
         if order > self.acked_order:
             self.acked_order = order
-        while (
-            len(self.files) > 1
-            and self.files[0].last_order <= order
-            and reader.file_index > 0
-        ):
+        while len(self.files) > 1 and self.files[0].last_order <= order and reader.file_index > 0:
             lf = self.files.pop(0)
             reader.file_index -= 1
             try:

@@ -184,8 +184,15 @@ class TargetServer:
         except Exception:
             log.exception("peer %s session failed", addr[0])
         finally:
-            if state is not None:
-                state.connected = False
+            # _serve may have raised after opening: find the state by its session.
+            with self._lock:
+                ended = [st for st in self.states.values() if st.session is fs]
+            if state is not None and state not in ended:
+                ended.append(state)
+            for st in ended:
+                st.connected = False
+                st.session = None
+            if ended:
                 self.save()
             fs.close()
 

@@ -15,7 +15,7 @@ from dtsetup.txn import Transaction, read_bytes
 
 __all__ = ["AuthKeyStep", "valid_key"]
 
-_KEY = re.compile(rb"^[0-9a-f]{64}\n$")
+_KEY = re.compile(rb"\A[0-9a-f]{64}\n\Z")
 
 
 def valid_key(data: bytes | None) -> bool:

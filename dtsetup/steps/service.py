@@ -42,6 +42,8 @@ def unit_text(folder: str) -> str:
         "Description=dtake replication service\n"
         "After=network-online.target\n"
         "Wants=network-online.target\n"
+        "# Pacemaker must find the service up before it probes the dtake resources.\n"
+        "Before=pacemaker.service\n"
         "\n"
         "[Service]\n"
         "Type=notify\n"
