@@ -816,6 +816,13 @@ class Lab:
                 "options": "mode=0755,size=64m",
             }
         )
+        # The repo, its virtualenv and the interpreter must stay visible inside the
+        # node even when they live under a directory the node gets privately (CI
+        # may clone into /tmp): bind them back over the private copies.
+        for shared in _shared_paths():
+            covered = [p for p in (*PRIVATE_DIRS, "/run", "/dev/shm") if _under(shared, p)]
+            if covered:
+                mounts.append({"kind": "bind", "source": shared, "target": shared, "mkdir": True})
         return {"hostname": node, "mounts": mounts, "run_dirs": RUN_DIRS}
 
     def _boot(self, nodes: Sequence[str]) -> None:
@@ -1082,3 +1089,20 @@ def _hacluster() -> tuple[int, int]:
         return pwd.getpwnam("hacluster").pw_uid, grp.getgrnam("haclient").gr_gid
     except KeyError:
         raise LabError("user hacluster / group haclient missing: install pacemaker") from None
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _shared_paths() -> list[str]:
+    """Host trees every node must see as they are: the repo, the venv, the interpreter."""
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out: list[str] = []
+    for p in (repo, sys.prefix, sys.base_prefix):
+        real = os.path.realpath(p)
+        if os.path.isdir(real) and not any(_under(real, q) for q in out):
+            out = [q for q in out if not _under(q, real)] + [real]
+    return out
