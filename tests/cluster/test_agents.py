@@ -187,6 +187,75 @@ def cluster(lab_cluster: Lab) -> Iterator[Lab]:
 
 
 # ---------------------------------------------------------------------------- tests
+# Runs first: the later tests kill and restart nodes, and a SourceConnection start
+# right after them timed out once in CI (see the issue 6 note).
+def test_source_connection_moves_with_its_group(cluster: Lab) -> None:
+    lab = cluster
+    target = "node3"
+    data = "/srv/sc"
+    for n in ("node1", "node2"):
+        lab.exec(n, f"mkdir -p {data} && seq 1 20 | while read i; do echo s$i > {data}/f$i; done")
+        lab.exec(n, f"touch -d @1700000000 {data}/*")
+    xml = f"""
+<group id="scg">
+  <primitive id="scg-dummy" class="ocf" provider="heartbeat" type="Dummy"/>
+  <primitive id="sc" class="ocf" provider="dtake" type="SourceConnection">
+    <instance_attributes id="sc-ia">
+      <nvpair id="sc-repset" name="repset" value="sc"/>
+      <nvpair id="sc-rules" name="rules" value="{data} inc, rec"/>
+      <nvpair id="sc-target" name="target" value="{target}"/>
+      <nvpair id="sc-tpath" name="target_path" value="/srv/sc-target"/>
+      <nvpair id="sc-orphans" name="orphans" value="delete"/>
+    </instance_attributes>
+    <operations><op id="sc-mon" name="monitor" interval="5s" timeout="30s"/></operations>
+  </primitive>
+</group>"""
+    lab.exec("node1", ["cibadmin", "-C", "-o", "resources", "-X", xml])
+    lab.exec("node1", ["crm_resource", "--ban", "-r", "scg", "-N", target, "--quiet"])
+    try:
+        first = lab.wait_for(
+            lambda: (lambda w: w[0] if len(w) == 1 else None)(
+                lab.cluster_status("node1").running_on("sc")
+            ),
+            WAIT,
+            what="sc running",
+        )
+        lab.wait_for(
+            lambda: digest(lab, first, data) == digest(lab, target, "/srv/sc-target"),
+            WAIT,
+            what="target mirrored",
+        )
+        other = "node2" if first == "node1" else "node1"
+        lab.exec(other, f"echo moved > {data}/after-move")  # shared-disk stand-in
+        lab.exec("node1", ["crm_resource", "--move", "-r", "scg", "-N", other, "--quiet"])
+        lab.wait_for(
+            lambda: lab.cluster_status("node1").running_on("sc") == [other],
+            WAIT,
+            what="sc moved with its group",
+        )
+        # the connection resumed from the new node with a difference mirror
+        lab.wait_for(
+            lambda: digest(lab, other, data) == digest(lab, target, "/srv/sc-target"),
+            WAIT,
+            what="difference mirror after the move",
+        )
+        assert lab.exec(first, [DTAKE, "status"]).stdout.count(" sc ") == 0
+    finally:
+        lab.exec("node1", ["crm_resource", "--clear", "-r", "scg", "--quiet"], check=False)
+        # Leave the cluster as we found it: the tests after this one kill nodes.
+        lab.exec(
+            "node1",
+            ["crm_resource", "-r", "scg", "--meta", "-p", "target-role", "-v", "Stopped"],
+            check=False,
+        )
+        lab.wait_for(
+            lambda: not lab.cluster_status("node1").running_on("sc"), WAIT, what="sc stopped"
+        )
+        lab.exec(
+            "node1", ["cibadmin", "-D", "-o", "resources", "-X", '<group id="scg"/>'], check=False
+        )
+
+
 def test_promoted_once_writable_others_read_only(cluster: Lab) -> None:
     lab = cluster
     p = wait_promoted(lab, "node1")
@@ -290,61 +359,6 @@ def test_stale_survivors_are_online_pending_until_the_operator_acts(cluster: Lab
     wait_same(lab, b, a)
     reboot(lab, p)
     wait_same(lab, b, p)
-
-
-def test_source_connection_moves_with_its_group(cluster: Lab) -> None:
-    lab = cluster
-    target = "node3"
-    data = "/srv/sc"
-    for n in ("node1", "node2"):
-        lab.exec(n, f"mkdir -p {data} && seq 1 20 | while read i; do echo s$i > {data}/f$i; done")
-        lab.exec(n, f"touch -d @1700000000 {data}/*")
-    xml = f"""
-<group id="scg">
-  <primitive id="scg-dummy" class="ocf" provider="heartbeat" type="Dummy"/>
-  <primitive id="sc" class="ocf" provider="dtake" type="SourceConnection">
-    <instance_attributes id="sc-ia">
-      <nvpair id="sc-repset" name="repset" value="sc"/>
-      <nvpair id="sc-rules" name="rules" value="{data} inc, rec"/>
-      <nvpair id="sc-target" name="target" value="{target}"/>
-      <nvpair id="sc-tpath" name="target_path" value="/srv/sc-target"/>
-      <nvpair id="sc-orphans" name="orphans" value="delete"/>
-    </instance_attributes>
-    <operations><op id="sc-mon" name="monitor" interval="5s" timeout="30s"/></operations>
-  </primitive>
-</group>"""
-    lab.exec("node1", ["cibadmin", "-C", "-o", "resources", "-X", xml])
-    lab.exec("node1", ["crm_resource", "--ban", "-r", "scg", "-N", target, "--quiet"])
-    try:
-        first = lab.wait_for(
-            lambda: (lambda w: w[0] if len(w) == 1 else None)(
-                lab.cluster_status("node1").running_on("sc")
-            ),
-            WAIT,
-            what="sc running",
-        )
-        lab.wait_for(
-            lambda: digest(lab, first, data) == digest(lab, target, "/srv/sc-target"),
-            WAIT,
-            what="target mirrored",
-        )
-        other = "node2" if first == "node1" else "node1"
-        lab.exec(other, f"echo moved > {data}/after-move")  # shared-disk stand-in
-        lab.exec("node1", ["crm_resource", "--move", "-r", "scg", "-N", other, "--quiet"])
-        lab.wait_for(
-            lambda: lab.cluster_status("node1").running_on("sc") == [other],
-            WAIT,
-            what="sc moved with its group",
-        )
-        # the connection resumed from the new node with a difference mirror
-        lab.wait_for(
-            lambda: digest(lab, other, data) == digest(lab, target, "/srv/sc-target"),
-            WAIT,
-            what="difference mirror after the move",
-        )
-        assert lab.exec(first, [DTAKE, "status"]).stdout.count(" sc ") == 0
-    finally:
-        lab.exec("node1", ["crm_resource", "--clear", "-r", "scg", "--quiet"], check=False)
 
 
 def test_agents_installed_with_absolute_interpreter(cluster: Lab) -> None:
