@@ -373,7 +373,9 @@ def test_agents_installed_with_absolute_interpreter(cluster: Lab) -> None:
 @pytest.mark.xfail(
     reason="open: in the lab the no-quorum partition never demotes/stops its promoted "
     "instance within the bound (see the issue 6 report); the majority side works",
-    strict=True,
+    # Not strict: in a clean-clone CI run the minority did demote once (XPASS), in
+    # others it did not; the behaviour is intermittent until the cause is found.
+    strict=False,
 )
 def test_partition_minority_stops_and_never_overwrites_newer_data(cluster: Lab) -> None:
     lab = cluster
