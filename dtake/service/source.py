@@ -719,16 +719,7 @@ class Connection:
             return
         if item.lazy == LazyKind.MKDIR:
             if stat.S_ISDIR(st.st_mode):
-                self._emit(
-                    Op(
-                        OpKind.MKDIR,
-                        r,
-                        mode=stat.S_IMODE(st.st_mode),
-                        uid=st.st_uid,
-                        gid=st.st_gid,
-                        mtime_ns=st.st_mtime_ns,
-                    )
-                )
+                self._emit(_attr_op(OpKind.MKDIR, r, st))
             return
         if item.lazy == LazyKind.SYMLINK or stat.S_ISLNK(st.st_mode):
             if stat.S_ISLNK(st.st_mode):
@@ -750,29 +741,11 @@ class Connection:
         if item.lazy == LazyKind.ATTRS:
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 return
-            self._emit(
-                Op(
-                    OpKind.ATTRS,
-                    r,
-                    mode=stat.S_IMODE(st.st_mode),
-                    uid=st.st_uid,
-                    gid=st.st_gid,
-                    mtime_ns=st.st_mtime_ns,
-                )
-            )
+            self._emit(_attr_op(OpKind.ATTRS, r, st))
             return
         if item.lazy == LazyKind.CONTENT:
             if stat.S_ISDIR(st.st_mode):
-                self._emit(
-                    Op(
-                        OpKind.MKDIR,
-                        r,
-                        mode=stat.S_IMODE(st.st_mode),
-                        uid=st.st_uid,
-                        gid=st.st_gid,
-                        mtime_ns=st.st_mtime_ns,
-                    )
-                )
+                self._emit(_attr_op(OpKind.MKDIR, r, st))
                 return
             if not stat.S_ISREG(st.st_mode):
                 return
@@ -864,17 +837,7 @@ class Connection:
                 hashes.append(xxhash.xxh3_64_intdigest(os.pread(fd, BLOCK, hpos)))
                 hpos += BLOCK
         st2 = os.fstat(fd)
-        self._emit(
-            Op(
-                OpKind.FILE_END,
-                r,
-                size=st2.st_size,
-                mode=stat.S_IMODE(st2.st_mode),
-                uid=st2.st_uid,
-                gid=st2.st_gid,
-                mtime_ns=st2.st_mtime_ns,
-            )
-        )
+        self._emit(_attr_op(OpKind.FILE_END, r, st2, size=st2.st_size))
         self._remember_sig(path, st2.st_size, hashes if st2.st_size == size else None)
 
     def _send_blocks(
@@ -899,17 +862,7 @@ class Connection:
             pos += len(data)
             i += 1
         st2 = os.fstat(fd)
-        self._emit(
-            Op(
-                OpKind.SETSIZE,
-                r,
-                size=pos,
-                mode=stat.S_IMODE(st2.st_mode),
-                uid=st2.st_uid,
-                gid=st2.st_gid,
-                mtime_ns=st2.st_mtime_ns,
-            )
-        )
+        self._emit(_attr_op(OpKind.SETSIZE, r, st2, size=pos))
         self._remember_sig(path, pos, hashes)
 
     # ------------------------------------------------------------------ sending
@@ -1020,3 +973,17 @@ class Connection:
                 "stats": dict(self.stats),
             }
         )
+
+
+def _attr_op(kind: OpKind, rel: str, st: os.stat_result, **kw: Any) -> Op:
+    """An op carrying the file's attributes, so the target ends with the source's mode,
+    owner and mtime (mtime last, after any data)."""
+    return Op(
+        kind,
+        rel,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        **kw,
+    )
