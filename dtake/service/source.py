@@ -128,7 +128,9 @@ class Connection:
         self._sigs: dict[str, tuple[int, list[int]]] = {}
         self._sig_blocks = 0
         self._hardlink_warned: set[str] = set()
-        self.stats: dict[str, int] = {
+        # Counters read by dtake.service.metrics (with .get(key, 0)); all ints except
+        # last_file_touched (the set-relative path of the last op sent).
+        self.stats: dict[str, Any] = {
             "ops_sent": 0,
             "bytes_sent": 0,
             "files_sent": 0,
@@ -140,6 +142,9 @@ class Connection:
             "reconnects": 0,
             "remirrors": 0,
             "read_failures": 0,
+            "resent_ops": 0,  # ops sent again from the in-flight window after a reconnect
+            "mirror_failures": 0,  # files a mirror could not send (unreadable, or refused)
+            "last_file_touched": "",
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -600,6 +605,7 @@ class Connection:
         self.svc.events.emit(73, target=self.label)
         self.svc.events.emit(4016, target=self.label, repset=self.rec.repset, con_id=self.rec.id)
         if resend and not gap:
+            self.stats["resent_ops"] += len(resend)
             for i in range(0, len(resend), BATCH_OPS):
                 fs.send_obj(
                     MsgType.OPS,
@@ -679,6 +685,8 @@ class Connection:
                     self._mirror_done()
             self._ack_cond.notify_all()
         for f in failed:
+            if self.mirror_status != "Idle":
+                self.stats["mirror_failures"] += 1  # a mirror's file the target refused
             self.svc.events.emit(4150, path=str(f.get("path")), error=str(f.get("error")))
             datastate.source_event(self, DataEvent.WRITE_DROPPED, str(f.get("path")))
 
@@ -716,6 +724,8 @@ class Connection:
             return  # a later DELETE/RENAME in the queue tells the target
         except OSError:
             self.stats["read_failures"] += 1
+            if item.mode != "realtime":
+                self.stats["mirror_failures"] += 1
             return
         if item.lazy == LazyKind.MKDIR:
             if stat.S_ISDIR(st.st_mode):
@@ -760,6 +770,8 @@ class Connection:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ELOOP):
                 self.stats["read_failures"] += 1
+                if mode != "realtime":
+                    self.stats["mirror_failures"] += 1
             return
         try:
             st = os.fstat(fd)
@@ -890,6 +902,8 @@ class Connection:
             self._batch_bytes += op.wire_size()
         self.stats["ops_sent"] += 1
         self.stats["bytes_sent"] += len(op.data)
+        if op.path or op.kind != OpKind.BARRIER:
+            self.stats["last_file_touched"] = op.new_path or op.path
         if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_OPS:
             self._flush_batch()
 

@@ -8,6 +8,7 @@ from disk (written before each acknowledgement) and the source resyncs if it is 
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -28,6 +29,10 @@ __all__ = ["TargetServer", "TargetState"]
 log = logging.getLogger("dtake.target")
 
 SCAN_CHUNK = 2000
+# An apply failing with one of these is retried (at most APPLY_RETRIES times) before
+# the op is dropped: the call changed nothing, and the condition is transient.
+_TRANSIENT = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.ETXTBSY})
+APPLY_RETRIES = 2
 
 
 def _tq_figures(svc: Any, uuid: str) -> dict[str, Any]:
@@ -54,6 +59,7 @@ class TargetState:
     ops_applied: int = 0
     bytes_applied: int = 0
     failures: int = 0
+    retries: int = 0  # applies retried after a transient error
     connected: bool = False
     qid: str = ""  # the source queue's identity and the last item of it applied
     last_item: int = 0
@@ -244,7 +250,7 @@ class TargetServer:
                             state.last_seq = op.seq
                             continue
                         try:
-                            tree.apply(op)
+                            self._apply(state, tree, op)
                             if op.kind == OpKind.BARRIER and op.tags:
                                 self._notify("target_barrier", state, op)
                         except Exception as exc:
@@ -266,6 +272,18 @@ class TargetServer:
                 fs.send_obj(MsgType.PONG, {})
             else:
                 raise EOFError(f"unexpected frame {mtype}")
+
+    @staticmethod
+    def _apply(state: TargetState, tree: TargetTree, op: Op) -> None:
+        for attempt in range(APPLY_RETRIES + 1):
+            try:
+                tree.apply(op)
+                return
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT or attempt == APPLY_RETRIES:
+                    raise
+                state.retries += 1
+                time.sleep(0.01 * (attempt + 1))
 
     def _open(self, req: dict[str, Any]) -> tuple[TargetState | None, str]:
         from dtake.service.apply import TargetTree
@@ -396,6 +414,7 @@ class TargetServer:
                     "ops_applied": st.ops_applied,
                     "bytes_applied": st.bytes_applied,
                     "failures": st.failures,
+                    "retries": st.retries,
                     **_tq_figures(self.svc, st.uuid),
                 }
                 for st in self.states.values()

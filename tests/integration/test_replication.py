@@ -404,3 +404,24 @@ def test_hard_links_are_reported_not_mangled(tmp_path: Any, service: Factory) ->
     settle(a, cid)
     assert os.listdir(dst) == ["plain"]
     assert 4099 in [e["id"] for e in a.call("events")]
+
+
+def test_connection_and_target_counters(tmp_path: Any, service: Factory) -> None:
+    """The counters the statistics read: present, and moved by real traffic."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    os.makedirs(os.path.join(src, "sub"))
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, "rs", dst, mirror="full")
+    settle(a, cid)
+    with open(os.path.join(src, "sub", "last"), "wb") as fh:
+        fh.write(b"payload")
+    settle(a, cid)
+    assert_same(src, dst)
+    conn = next(c for c in a.call("status")["connections"] if c["id"] == cid)
+    stats = conn["stats"]
+    assert stats["last_file_touched"] == "sub/last"
+    assert stats["mirror_failures"] == 0
+    assert stats["resent_ops"] == 0
+    targets = b.call("status")["targets"]
+    assert len(targets) == 1 and targets[0]["retries"] == 0 and targets[0]["failures"] == 0
