@@ -307,9 +307,18 @@ class BandwidthLimit:
 class TokenBucket:
     """Byte budget shared by all connections to one target IP.
 
-    ``consume(n)`` is called after a frame of ``n`` wire bytes was handed to the
-    socket; it sleeps until the average rate is back under the limit (a burst of at
-    most ``burst_s`` worth of bytes passes at once).
+    ``consume(n)`` charges ``n`` bytes and sleeps until the average rate is back under
+    the limit (a burst of at most ``burst_s`` worth of bytes passes at once). Called
+    *before* a frame leaves (``TransmitControl.before_send``), the frame waits for its
+    own budget, so the last byte of a transfer leaves no earlier than size / rate; called
+    after (``after_send`` alone), the last frame of a transfer escapes its wait and a
+    short transfer looks faster than the limit by one frame. ``adjust(n)`` corrects a
+    charge made on an estimate (the compressed size is known only after sending) without
+    sleeping; the next ``consume`` pays any debt.
+
+    Time slept beyond what was asked (the scheduler wakes late) is credited: the balance
+    is carried across the sleep instead of being reset, so the long-run rate converges on
+    the limit rather than drifting below it.
     """
 
     def __init__(
@@ -339,27 +348,42 @@ class TokenBucket:
                 self._last = self._clock()
                 self.limited_since = self._last if kbps else None
 
+    def _refill(self, rate: float) -> None:
+        now = self._clock()
+        # Time earns at most burst_s worth of budget; a refund (adjust) above that is
+        # kept: it was paid for with time already waited.
+        earned = min(rate * self.burst_s, self._tokens + (now - self._last) * rate)
+        self._tokens = max(self._tokens, earned)
+        self._last = now
+
     def consume(self, n: int) -> float:
-        """Account for ``n`` bytes; returns the seconds slept."""
+        """Charge ``n`` bytes; returns the seconds slept."""
         with self._lock:
             self.bytes_total += n
             if not self.kbps:
                 return 0.0
             rate = self.kbps * 1000 / 8
-            now = self._clock()
-            self._tokens = min(rate * self.burst_s, self._tokens + (now - self._last) * rate)
-            self._last = now
+            self._refill(rate)
             self._tokens -= n
             self.bytes_limited += n
             wait = -self._tokens / rate if self._tokens < 0 else 0.0
             if wait > 0:
                 # Sleep holding the lock: the other connections to this IP wait too, so
-                # the sum of all of them stays under the one limit.
+                # the sum of all of them stays under the one limit. The negative balance
+                # is kept: the next refill credits the whole time slept, overshoot too.
                 self._sleep(wait)
                 self.waited_s += wait
-                self._tokens = 0.0
-                self._last = self._clock()
             return wait
+
+    def adjust(self, n: int) -> None:
+        """Correct an earlier charge by ``n`` bytes (negative: refund); never sleeps."""
+        with self._lock:
+            self.bytes_total += n
+            if not self.kbps:
+                return
+            self._refill(self.kbps * 1000 / 8)
+            self._tokens -= n
+            self.bytes_limited += n
 
     def figures(self) -> dict[str, Any]:
         with self._lock:

@@ -328,6 +328,7 @@ class TransmitControl:
         self._wire_fs: Any = None
         self.raw_sent = 0
         self.wire_sent = 0
+        self._precharged = 0  # bytes charged by before_send for the frame being sent
         feat = self.feature
         if feat is not None:
             ts = feat.targets.get(conn.rec.host)
@@ -478,6 +479,15 @@ class TransmitControl:
         c.rec.compression, c.rec.compression_level = name, level
         c._codec = get_codec(name, level)
 
+    def before_send(self, estimate: int) -> None:
+        """Before an OPS frame of about ``estimate`` bytes leaves: wait for its budget
+        under the shared bandwidth limit, so the frame is paid for before it is on the
+        wire (``after_send`` corrects the charge to the real wire size)."""
+        ts = self._settings()
+        if ts is not None and ts.bucket.kbps:
+            ts.bucket.consume(estimate)
+            self._precharged += estimate
+
     def after_send(self, fs: Any, wire: int) -> None:
         """After each OPS frame: byte counters and the shared bandwidth limit."""
         st = fs.stats()
@@ -489,7 +499,11 @@ class TransmitControl:
         self._wire_prev = (raw, wire_total)
         ts = self._settings()
         if ts is not None:
-            ts.bucket.consume(wire)
+            if self._precharged:
+                ts.bucket.adjust(wire - self._precharged)  # compressed: usually a refund
+            else:
+                ts.bucket.consume(wire)  # no before_send: pay after the frame left
+        self._precharged = 0
 
     def wire_figures(self) -> dict[str, Any]:
         return {

@@ -150,3 +150,45 @@ def test_token_bucket_accounts_for_the_limit_with_a_fake_clock() -> None:
     assert abs(f["achieved_kbps"] - 800) < 25
     tb.set_rate(None)
     assert tb.consume(10**9) == 0.0
+
+
+class _FakeTime:
+    """A clock whose sleep() oversleeps by ``late`` seconds (a loaded scheduler)."""
+
+    def __init__(self, late: float = 0.0) -> None:
+        self.now = 0.0
+        self.late = late
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.now += s + self.late
+
+
+def test_token_bucket_credits_oversleeping_so_the_rate_does_not_drift_low() -> None:
+    ft = _FakeTime(late=0.01)  # every sleep wakes 10 ms late
+    tb = TokenBucket(clock=ft.clock, sleep=ft.sleep)
+    tb.set_rate(8000)  # 1 MB/s
+    for _ in range(100):
+        tb.consume(100_000)  # 10 MB, each frame waits ~0.1 s and wakes 10 ms late
+    achieved = 10_000_000 / ft.now
+    # Resetting the balance after each sleep would lose the 10 ms per frame (~9 % low).
+    assert achieved >= 0.99 * 1_000_000, achieved
+    assert achieved <= 1_000_000 * 1.0 + 1, achieved
+
+
+def test_token_bucket_charged_before_sending_makes_the_last_frame_wait() -> None:
+    ft = _FakeTime()
+    tb = TokenBucket(clock=ft.clock, sleep=ft.sleep)
+    tb.set_rate(8000)  # 1 MB/s
+    sent_at: list[float] = []
+    for _ in range(4):
+        tb.consume(1_000_000)  # before_send: pay, then the frame leaves
+        sent_at.append(ft.now)
+    assert sent_at[-1] == pytest.approx(4.0)  # 4 MB fully paid for when the last one leaves
+    tb.adjust(-500_000)  # the last frame compressed to half its estimate: a refund
+    assert tb.figures()["bytes_limited"] == 3_500_000
+    assert tb.consume(500_000) == pytest.approx(0.0, abs=1e-9)  # the refund is spent at once
