@@ -1,5 +1,12 @@
 """The cluster auth key: 32 random bytes as 64 lowercase hex characters and a newline,
-mode 0600, generated once (never rotated by a rerun) or provided by the operator."""
+mode 0600, generated once (never rotated by a rerun) or provided by the operator.
+
+The file format is the service's (``dtake.protocol.auth.parse_key``): exactly 64 lowercase
+hex characters, then at most one newline. A key without the newline is the same key: it
+is written back with the newline, never replaced. Anything else (a second newline, CRLF,
+a newline inside, spaces, capitals) is not a key. The pattern is anchored with \\A and
+\\Z, not ^ and $: $ also matches before a final newline, which let "KEY" + two newlines
+through."""
 
 from __future__ import annotations
 
@@ -13,13 +20,21 @@ from dtsetup.reports import Code
 from dtsetup.steps.base import Change, Context, ManagedFile, StepError, file_changes, write_files
 from dtsetup.txn import Transaction, read_bytes
 
-__all__ = ["AuthKeyStep", "valid_key"]
+__all__ = ["AuthKeyStep", "normalize_key", "valid_key"]
 
-_KEY = re.compile(rb"\A[0-9a-f]{64}\n\Z")
+_KEY = re.compile(rb"\A[0-9a-f]{64}\n?\Z")
+
+
+def normalize_key(data: bytes | None) -> bytes | None:
+    """The key file content with exactly one final newline, or None if not a key."""
+    if data is None or _KEY.match(data) is None:
+        return None
+    return data if data.endswith(b"\n") else data + b"\n"
 
 
 def valid_key(data: bytes | None) -> bool:
-    return data is not None and _KEY.match(data) is not None
+    """A key file exactly as dtsetup writes it (64 lowercase hex characters, newline)."""
+    return data is not None and normalize_key(data) == data
 
 
 class AuthKeyStep:
@@ -32,19 +47,18 @@ class AuthKeyStep:
     def _file(self, ctx: Context) -> ManagedFile:
         if self._content is None:
             if self.provided is not None:
-                data = read_bytes(self.provided)
-                if data is not None and _KEY.match(data + b"\n"):
-                    data += b"\n"
-                if not valid_key(data):
+                data = normalize_key(read_bytes(self.provided))
+                if data is None:
                     raise StepError(
                         Code.BAD_AUTH_KEY,
-                        f"{self.provided}: expected 64 lowercase hex characters and a newline",
+                        f"{self.provided}: expected 64 lowercase hex characters and at most "
+                        "one newline",
                     )
                 self._content = data
             else:
-                live = read_bytes(ctx.host(paths.AUTH_KEY))
+                live = normalize_key(read_bytes(ctx.host(paths.AUTH_KEY)))
                 # Keep a valid key: every node of a cluster must hold the same one.
-                self._content = live if valid_key(live) else (secrets.token_hex(32) + "\n").encode()
+                self._content = live or (secrets.token_hex(32) + "\n").encode()
         assert self._content is not None
         return ManagedFile(paths.AUTH_KEY, self._content, 0o600, secret=True)
 
