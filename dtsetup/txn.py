@@ -129,6 +129,12 @@ class Transaction:
             path.unlink()
         os.symlink(target, path)
 
+    def expect_file(self, path: Path) -> None:
+        """``path`` may be created by a program apply runs (the supervisor's log): if it
+        does not exist now, it is removed on rollback."""
+        if not (path.exists() or path.is_symlink()):
+            self._snapshot(path)
+
     def remove_file(self, path: Path) -> None:
         if not (path.exists() or path.is_symlink()):
             return

@@ -183,6 +183,9 @@ class ServiceStep:
                 txn.on_undo(f"systemctl {undo[action]}", self._undoer(ctx, undo[action]))
             return
         for action in actions:  # supervisor
+            # The supervisor creates its log: a rollback removes it again (LIFO: after
+            # the supervisor is stopped), so the log folder can go too.
+            txn.expect_file(ctx.host(paths.SUPERVISOR_LOG))
             ctx.runner.run(self.supervisor_argv(ctx, action), check=True)
             back = "stop" if action == "start" else "restart"
             txn.on_undo(f"supervisor {back}", self._supervisor_undoer(ctx, back))

@@ -259,3 +259,45 @@ def test_apply_with_scripted_groups_and_failed_pip_rolls_back(
     assert [s.status for s in result.steps][:2] == ["rolled_back", "failed"]
     assert list(root.iterdir()) == []  # nothing left
     assert runner.ran("groupadd") is False  # groups come after software: never reached
+
+
+def test_supervisor_log_removed_on_rollback(tmp_path: Path, full_ini: Callable[..., Path]) -> None:
+    """The supervisor creates its log when it starts; a rollback stops it and removes the
+    log it made (found by the real apply in a namespace box: /var/log/dtake stayed)."""
+    runner = ScriptedRunner()
+    s = settings(full_ini())
+    ctx = ctx_for(tmp_path, s, runner, init="supervisor")
+    log = ctx.host("/var/log/dtake/supervisor.log")
+    order: list[str] = []
+
+    def start(argv: tuple[str, ...], input: str | None) -> int:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("started\n")
+        return 0
+
+    def stop(argv: tuple[str, ...], input: str | None) -> int:
+        order.append("stop" if log.exists() else "stop after the log was removed")
+        return 0
+
+    step = ServiceStep(python="py")
+    script = str(ctx.host(step.script_path(ctx)))
+    runner.on("py", script, "start", answer=start).on("py", script, "stop", answer=stop)
+    txn = Transaction()
+    step.apply(ctx, txn)
+    assert log.exists()
+    assert txn.rollback() == []
+    assert order == ["stop"] and not log.exists()
+
+
+def test_existing_supervisor_log_kept_on_rollback(
+    tmp_path: Path, full_ini: Callable[..., Path]
+) -> None:
+    ctx = ctx_for(tmp_path, settings(full_ini()), ScriptedRunner(), init="supervisor")
+    log = ctx.host("/var/log/dtake/supervisor.log")
+    log.parent.mkdir(parents=True)
+    log.write_text("an earlier run\n")
+    txn = Transaction()
+    txn.expect_file(log)
+    log.write_text("an earlier run\nand this one\n")
+    txn.rollback()
+    assert log.exists()  # not ours to remove: it was there before
