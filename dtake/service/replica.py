@@ -419,12 +419,16 @@ class ReplicaManager:
             return 0
         return int((tqs.figures_for(rec.target_uuid) or {}).get("bytes", 0))
 
-    def _flush_target_queue(self, rec: ReplicaRecord) -> None:
+    def _flush_target_queue(self, rec: ReplicaRecord, user: str) -> dict[str, Any]:
+        """Flush Target [L3387]: the target queue drops what it holds; the copy's data
+        state becomes Mirror Required (dtake.service.targetqueue). Never called with
+        self._lock held: the applier holds the copy's lock while it calls our hooks."""
         tqs = self._target_queue()
-        fn = getattr(tqs, "flush", None) or getattr(tqs, "discard", None)
+        fn = getattr(tqs, "discard", None)
         if fn is None:
             raise DtakeError(E.NOT_SUPPORTED, "not available: the target queue cannot be flushed")
-        fn(rec.target_uuid)
+        res: dict[str, Any] = fn(rec.target_uuid, reason=f"target queue discarded by {user}")
+        return res
 
     # -------------------------------------------------------------- status
     def _target_connected(self, rec: ReplicaRecord) -> bool:
@@ -621,17 +625,28 @@ class ReplicaManager:
     def demote(self, resource: str, *, drain_s: float = 0.0) -> dict[str, Any]:
         """Offline sequence [L2555-2560] on the active node, then a read-only target copy.
 
-        DRAIN_S: wait up to this long for the connections to send what is queued, so every
-        write made before the demote reaches the owners (bounded by the op timeout)."""
+        The copy is made read-only first, so nothing is written here once pacemaker decided
+        to demote (e.g. this partition lost quorum: no-quorum-policy=stop demotes, then
+        stops). DRAIN_S: then wait up to this long for the connections to send what is
+        queued, so every write made before the demote reaches the owners (bounded by the
+        op timeout; an owner that cannot be reached only costs this wait).
+
+        The connections are stopped before they are removed, so no ``close`` request goes
+        to the owners: it would wait for an answer from an owner that may be unreachable
+        (a partition: up to the request timeout, far beyond the demote timeout), and the
+        owner would unblock its copy, which stays a read-only target copy.
+        """
         with self._lock:
             rec = self._get(resource)
             conns = [c for c in self.svc.connections.values() if c.rec.uuid in rec.conn_uuids]
+        self.block(rec.directory)  # stop writing here first; the service still reads
         deadline = time.monotonic() + max(0.0, drain_s)
         for c in conns:  # (1) stop replication once what is queued got out
             left = deadline - time.monotonic()
             if left > 0 and c.transmit_state() == "Started":
                 c.wait_idle(left)
         for c in conns:  # (3) disconnect from all owners
+            c.stop()
             with contextlib.suppress(DtakeError):
                 self.svc.disconnect(c.rec.id)
         with contextlib.suppress(DtakeError):  # (4) delete the replication set
@@ -643,7 +658,6 @@ class ReplicaManager:
                 rec.role = "Unpromoted"
             self._touch(rec)
         self.save()
-        self.block(rec.directory)  # now a target copy: read-only for everyone else
         return self.status(resource)
 
     def stop(self, resource: str, *, drain_s: float = 0.0) -> dict[str, Any]:
@@ -675,6 +689,9 @@ class ReplicaManager:
             )
         node = self.svc.node_id
         ev = {"resource": resource, "node": node, "user": user}
+        flushed: dict[str, Any] = {}
+        if action == "flush-target":
+            flushed = self._flush_target_queue(self._get(resource), user)
         with self._lock:
             rec = self._get(resource)
             if action == "accept":
@@ -707,9 +724,14 @@ class ReplicaManager:
                 rec.reason = f"reverted to snapshot {snaps[-1].get('id')} by {user}"
                 self.svc.events.emit(10007, **ev)
             elif action == "flush-target":
-                self._flush_target_queue(rec)
+                # Its data lacks what was queued: the operator takes it as it is, and
+                # it is replicated "without the data that was in queue" [L3387].
+                self._set_data(
+                    rec,
+                    "suspect",
+                    f"target queue discarded by {user} ({flushed.get('discarded_ops', 0)} ops)",
+                )
                 rec.control = "accepted"
-                rec.reason = f"target queue discarded by {user}"
                 self.svc.events.emit(10008, **ev)
             self._touch(rec)
         self.save()

@@ -17,6 +17,16 @@ finish first: the status is "Pause Pending" until every applier is waiting, then
 "Paused" (events 4026/4027). The network connection stays; the source keeps queueing.
 Requests (scans, block hashes) wait in the same queue: they must see the ops before
 them applied. The paused flag persists across restarts.
+
+Discard (GeoCluster's Flush Target [L3387], control ``target_discard``): the ops of one
+session that were received but not applied are dropped, with the fire-and-forget data
+state notes queued among them (a later "OK" must not cover the hole). The copy then
+misses changes of the source, so its data state becomes Mirror Required ("an operation
+may have been dropped on the target" [L2945]; good -> bad takes the automatic snapshot
+first), event 4065, and the session ends: nothing else from that source lands on a copy
+that was cut short. A source that is still alive never got an acknowledgement for what
+was dropped: it reconnects and sends it again or mirrors, so discarding is meant for a
+source that is gone (the previously owning node failed).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ __all__ = [
     "SessionQueue",
     "TargetQueues",
     "ack_fields",
+    "discardable",
     "frame_source",
     "install_target_queue",
     "tq_figures",
@@ -47,6 +58,20 @@ log = logging.getLogger("dtake.target")
 FEATURE_KEY = "dtake.service.targetqueue"
 STORE = "target_pause.json"
 _STATUS_EVERY = 1.0  # while held, tell the source how the target queue stands
+
+
+def discardable(mtype: Any, obj: Any) -> bool:
+    """What a discard drops: ops, and the in-band data state notes nobody waits for."""
+    from dtake.protocol.framing import MsgType
+
+    if mtype == MsgType.OPS:
+        return True
+    return (
+        mtype == MsgType.REQUEST
+        and isinstance(obj, dict)
+        and obj.get("op") == "data_state"
+        and int(obj.get("id", 0)) < 0
+    )
 
 
 def _frame_cost(mtype: Any, obj: Any) -> tuple[int, int]:
@@ -137,6 +162,30 @@ class SessionQueue:
     def __call__(self) -> tuple[Any, Any]:
         return self.recv_obj()
 
+    def discard(self) -> tuple[int, int]:
+        """Drop the queued ops (and the data state notes among them) and end the session:
+        (ops, bytes) dropped. Requests somebody waits for and pings stay."""
+        with self.cond:
+            kept: deque[tuple[Any, Any, int, int]] = deque()
+            ops = size = 0
+            for frame in self.frames:
+                if discardable(frame[0], frame[1]):
+                    ops += frame[2]
+                    size += frame[3]
+                else:
+                    kept.append(frame)
+            self.frames = kept
+            self.ops -= ops
+            self.bytes -= size
+            if self._error is None:
+                self._error = EOFError("target queue discarded")
+            self.cond.notify_all()
+        try:
+            self.fs.close()  # the reader ends; the applier ends once the queue is empty
+        except Exception:
+            pass
+        return ops, size
+
     def figures(self) -> dict[str, Any]:
         return {"ops": self.ops, "bytes": self.bytes, "status": self.tqs.status()}
 
@@ -191,13 +240,48 @@ class TargetQueues:
     def figures_for(self, uuid: str) -> dict[str, Any]:
         with self._lock:
             s = self.sessions.get(uuid)
-        if s is None or s._error is not None:
+        if s is None:
             return {"ops": 0, "bytes": 0}
+        # A source that is gone may leave frames behind (target paused): still queued.
         return {"ops": s.ops, "bytes": s.bytes}
+
+    def discard(self, uuid: str, *, reason: str = "target queue discarded") -> dict[str, Any]:
+        """Flush Target [L3387]: drop what session UUID received but did not apply."""
+        from dtake.service.datastate import DataEvent, target_event
+
+        with self._lock:
+            s = self.sessions.get(uuid)
+        if s is None:
+            raise DtakeError(E.NO_CONNECTION, f"no target queue for connection {uuid}")
+        ops, size = s.discard()
+        st = s.state
+        if ops:
+            with st.lock:
+                target_event(self.svc, st, DataEvent.OPS_LOST, reason=reason, locked=True)
+        log.warning("target queue of %s discarded: %d ops, %d bytes (%s)", uuid, ops, size, reason)
+        return {
+            "uuid": uuid,
+            "conn_id": st.conn_id,
+            "discarded_ops": ops,
+            "discarded_bytes": size,
+            "data_state": getattr(st, "data_state", ""),
+        }
+
+    def discard_cmd(self, uuid: str = "", con_id: int = 0) -> dict[str, Any]:
+        """Control ``target_discard``: by connection uuid, or by the source's connection ID."""
+        if not uuid:
+            with self._lock:
+                found = [u for u, s in self.sessions.items() if s.state.conn_id == int(con_id)]
+            if len(found) != 1:
+                raise DtakeError(
+                    E.NO_CONNECTION, f"no single target queue for connection ID {con_id}"
+                )
+            uuid = found[0]
+        return self.discard(uuid, reason="target queue discarded by the user")
 
     def show(self) -> dict[str, Any]:
         with self._lock:
-            live = {u: s for u, s in self.sessions.items() if s._error is None}
+            live = {u: s for u, s in self.sessions.items() if s._error is None or s.frames}
         return {
             "status": self.status(),
             "paused": self.paused,
@@ -247,4 +331,5 @@ def install_target_queue(svc: Service) -> TargetQueues:
     tqs = TargetQueues(svc)
     svc.features[FEATURE_KEY] = tqs
     svc.register("target", tqs.cmd)
+    svc.register("target_discard", tqs.discard_cmd)
     return tqs

@@ -370,37 +370,49 @@ def test_agents_installed_with_absolute_interpreter(cluster: Lab) -> None:
     assert "<version>1.1</version>" in md.stdout
 
 
-@pytest.mark.xfail(
-    reason="open: in the lab the no-quorum partition never demotes/stops its promoted "
-    "instance within the bound (see the issue 6 report); the majority side works",
-    # Not strict: in a clean-clone CI run the minority did demote once (XPASS), in
-    # others it did not; the behaviour is intermittent until the cause is found.
-    strict=False,
-)
 def test_partition_minority_stops_and_never_overwrites_newer_data(cluster: Lab) -> None:
+    """Unplug the promoted node: its partition has no quorum, so pacemaker there demotes
+    then stops the instance (no-quorum-policy=stop); the quorate majority promotes one
+    current copy. After healing, the stale side follows the new source."""
     lab = cluster
     p = wait_promoted(lab, "node1")
-    lab.netdown(p)
     majority = [n for n in lab.nodes if n != p]
+    lab.netdown(p)
     try:
         new = wait_promoted(lab, majority[0], not_on=p)
 
         def minority_stopped() -> bool:
-            return replica(lab, p)["role"] != "Promoted"
+            return replica(lab, p)["role"] == "Stopped" and not promoted(lab, p)
 
         try:
-            lab.wait_for(minority_stopped, WAIT, interval=1, what=f"{p} (no quorum) stops writing")
+            lab.wait_for(minority_stopped, WAIT, interval=1, what=f"{p} (no quorum) stopped")
         except Exception:
             diag = lab.exec(
                 p, "crm_mon -1 -A -f -o; tail -30 /var/log/dtake/dtake.log", check=False
             )
             raise AssertionError(f"{p} still writing:\n{diag.stdout[-5000:]}") from None
-        lab.exec(p, f"echo stale > {DIR}/stale-side", check=False)  # anything written there
-        lab.exec(new, f"echo newer > {DIR}/newer-side")
+        assert not lab.cluster_status(p).quorate
+        lab.exec(new, f"echo newer > {DIR}/newer-side; echo newer > {DIR}/conflict")
+        # Stopped: the copy is writable again [L2560], but nothing runs on it; whatever is
+        # written there, even later than the other side (mtime an hour ahead), must not
+        # survive the healing.
+        lab.exec(
+            p,
+            f"echo stale > {DIR}/stale-side; echo stale-and-later > {DIR}/conflict; "
+            f"touch -d @$(( $(date +%s) + 3600 )) {DIR}/conflict",
+        )
     finally:
         lab.netup(p)
-    lab.wait_cluster(via=majority[0], timeout=WAIT, settle=False)
+    lab.wait_for(
+        lambda: roles(lab, majority[0]).get(p) in ("Unpromoted", "Slave"),
+        WAIT,
+        interval=1,
+        what=f"{p} back as unpromoted",
+    )
     assert promoted(lab, majority[0]) == [new]
     wait_same(lab, new, p)
     assert lab.exec(p, ["cat", f"{DIR}/newer-side"]).stdout == "newer\n"
+    assert lab.exec(p, ["cat", f"{DIR}/conflict"]).stdout == "newer\n"
     assert lab.exec(p, ["test", "-e", f"{DIR}/stale-side"], check=False).returncode != 0
+    st = replica(lab, p)
+    assert st["data"] == "good" and st["generation"] == replica(lab, new)["generation"], st
