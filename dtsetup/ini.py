@@ -22,7 +22,8 @@ def decode(data: bytes) -> str:
     """Decode a DTSetup.ini as Windows tools write it: UTF-16 with BOM, UTF-8 (BOM or not),
     else cp1252 (the ANSI code page of the Windows that made the file)."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16")
+        # A cut-off or corrupt file must give a located report, not a traceback.
+        return data.decode("utf-16", errors="replace")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:

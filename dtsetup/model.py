@@ -333,7 +333,13 @@ def load(
     typed, typing_reports = type_document(doc, strict=strict)
     reports.extend(typing_reports)
     if doc.sections:
-        reports.extend(_schema_reports(doc, typed))
+        # A key the reader already rejected (a YAML list value) is not also "missing".
+        rejected = {(r.section, r.key) for r in reports if r.is_error and r.key}
+        reports.extend(
+            r
+            for r in _schema_reports(doc, typed)
+            if not (r.code is Code.MISSING_ACTIVATION_CODE and (r.section, r.key) in rejected)
+        )
     result = LoadResult(document=doc, typed=typed, reports=reports)
     if host is None or not result.ok:
         return result

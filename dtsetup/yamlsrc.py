@@ -13,6 +13,7 @@ entry keeps its line and duplicate keys are found instead of silently overwritte
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,7 @@ from dtsetup.source import RawDocument, RawEntry, RawSection
 __all__ = ["load", "parse"]
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
+_YAML_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # YAML's line breaks
 _NULL_TAG = "tag:yaml.org,2002:null"
 
 
@@ -45,6 +47,9 @@ def parse(text: str, file: str) -> tuple[RawDocument, list[Report]]:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         line = mark.line + 1 if mark is not None else None
+        position = getattr(exc, "position", None)  # a ReaderError (a character YAML refuses)
+        if line is None and isinstance(position, int):
+            line = len(_YAML_BREAK.findall(text, 0, position)) + 1
         return doc, [error(Code.YAML_SYNTAX, f"YAML syntax: {problem}", file=file, line=line)]
     if root is None:
         return doc, [
