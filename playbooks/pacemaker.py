@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 from playbooks.remote import HostTimeout, Remote
 
-__all__ = ["CRM_MON", "Status", "parse_crm_mon", "status", "wait_for_cluster"]
+__all__ = ["CRM_MON", "CRM_MON_ATTRS", "Status", "parse_crm_mon", "status", "wait_for_cluster"]
 
 CRM_MON = "crm_mon --output-as xml --inactive"
+CRM_MON_ATTRS = CRM_MON + " -A"  # plus node attributes (promotion scores, dtake status)
 
 
 @dataclass
@@ -22,6 +23,12 @@ class Status:
     # resource id (clone instance suffix removed) -> {node: role}
     roles: dict[str, dict[str, str]] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
+    standby: list[str] = field(default_factory=list)
+    # resource id -> agent (ocf:dtake:ReplicatedDisk...); ids of promotable clones' members
+    agents: dict[str, str] = field(default_factory=dict)
+    promotable: set[str] = field(default_factory=set)
+    # node -> {attribute: value} (only with CRM_MON_ATTRS)
+    attrs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def promoted(self, rsc: str) -> list[str]:
         return sorted(n for n, r in self.roles.get(rsc, {}).items() if r in ("Promoted", "Master"))
@@ -39,8 +46,18 @@ def parse_crm_mon(xml: str) -> Status:
         st.quorate = dc.get("with_quorum") == "true"
     for n in root.findall("nodes/node"):
         (st.online if n.get("online") == "true" else st.offline).append(n.get("name", ""))
+        if n.get("standby") == "true":
+            st.standby.append(n.get("name", ""))
+    for clone in root.iter("clone"):
+        if clone.get("multi_state") == "true":
+            st.promotable.update(r.get("id", "").split(":")[0] for r in clone.iter("resource"))
+    for n in root.findall("node_attributes/node"):
+        st.attrs[n.get("name", "")] = {
+            a.get("name", ""): a.get("value", "") for a in n.findall("attribute")
+        }
     for r in root.iter("resource"):
         rid = r.get("id", "").split(":")[0]
+        st.agents.setdefault(rid, r.get("resource_agent", ""))
         if r.get("failed") == "true":
             st.failed.append(rid)
         if r.get("active") != "true":
@@ -50,8 +67,9 @@ def parse_crm_mon(xml: str) -> Status:
     return st
 
 
-def status(remote: Remote) -> Status:
-    return parse_crm_mon(remote.run(CRM_MON, timeout=30, check=True).stdout)
+def status(remote: Remote, *, attrs: bool = False) -> Status:
+    cmd = CRM_MON_ATTRS if attrs else CRM_MON
+    return parse_crm_mon(remote.run(cmd, timeout=30, check=True).stdout)
 
 
 def wait_for_cluster(remote: Remote, nodes: list[str], *, timeout: float = 120.0) -> Status:

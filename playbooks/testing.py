@@ -6,6 +6,10 @@
 A command is answered by the first rule whose regex matches it (``re.search``); every
 command and upload is recorded in ``remote.calls`` / ``remote.files``. An unscripted
 command fails the test loudly (rc 127 plus an entry in ``remote.unexpected``).
+
+``fresh_host`` / ``converged_host`` are scripted deploy targets (never deployed /
+already deployed with given options); ``bumped_wheelhouse`` builds the "newer version"
+an upgrade test installs.
 """
 
 from __future__ import annotations
@@ -14,9 +18,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from playbooks.deploy import DeployOptions
 from playbooks.remote import CmdResult, Connector, Remote, Unreachable
 
-__all__ = ["Rule", "ScriptedRemote", "scripted_connector"]
+__all__ = [
+    "Rule",
+    "ScriptedRemote",
+    "bumped_wheelhouse",
+    "converged_host",
+    "dtsetup_json",
+    "fresh_host",
+    "scripted_connector",
+]
 
 
 @dataclass
@@ -92,3 +105,122 @@ def scripted_connector(
         return remotes[host]
 
     return connect
+
+
+def bumped_wheelhouse(house: Path, dest: Path, local: str, *, repo: Path | None = None) -> str:
+    """A copy of wheelhouse ``house`` in ``dest`` whose dtake wheel is rebuilt from a copy of
+    the tree with the version ``<version>+<local>`` (PEP 440 local version): what an
+    upgrade installs. The dependency wheels are the same files. Returns the new version."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import tomllib
+
+    from playbooks.wheelhouse import REPO
+
+    repo = repo or REPO
+    old = str(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["version"])
+    new = f"{old}+{local}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for whl in house.glob("*.whl"):
+        if not whl.name.startswith("dtake-"):
+            shutil.copy2(whl, dest / whl.name)
+    with tempfile.TemporaryDirectory(prefix="dtake-bump-") as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        for top in (
+            "pyproject.toml",
+            "README.md",
+            "dtake",
+            "dtsetup",
+            "resource_agents",
+            "schemas",
+        ):
+            p = repo / top
+            if p.is_dir():
+                shutil.copytree(p, src / top, ignore=shutil.ignore_patterns("__pycache__"))
+            elif p.is_file():
+                shutil.copy2(p, src / top)
+        for rel, pattern in (
+            ("pyproject.toml", 'version = "{}"'),
+            ("dtake/__init__.py", '__version__ = "{}"'),
+        ):
+            f = src / rel
+            text = f.read_text()
+            if pattern.format(old) not in text:
+                raise RuntimeError(f"{rel}: no {pattern.format(old)!r} to bump")
+            f.write_text(text.replace(pattern.format(old), pattern.format(new), 1))
+        env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000", PIP_DISABLE_PIP_VERSION_CHECK="1")
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--wheel-dir",
+                str(dest),
+                str(src),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"pip wheel failed: {r.stderr.strip()[-2000:]}")
+    return new
+
+
+# ---------------------------------------------------------------- scripted deploy targets
+def dtsetup_json(host: str, changed: bool) -> str:
+    """What ``dtsetup apply --json`` prints (software + service steps)."""
+    import json
+
+    steps = [
+        {"name": n, "status": "changed" if changed else "ok", "summary": ""}
+        for n in ("software", "service")
+    ]
+    return json.dumps(
+        {"host": host, "exit_code": 2 if changed else 0, "steps": steps, "reports": []}
+    )
+
+
+def fresh_host(name: str) -> ScriptedRemote:
+    """A host the deploy playbook never touched: everything it does is a change."""
+    r = ScriptedRemote(name)
+    r.script(r"^uname -n$", stdout=f"{name}\n")
+    r.script(r"^test -d ", rc=1)
+    r.script(r"^umask 077 && mkdir")
+    r.script(r"^sha256sum ")
+    r.script(r"^ls ")
+    r.script(r"^cat .*/\.wheelhouse")
+    r.script(r"-m venv .*pip install")
+    r.script(r"bin/dtsetup apply", rc=2, stdout=dtsetup_json(name, True))
+    return r
+
+
+def converged_host(name: str, o: DeployOptions) -> ScriptedRemote:
+    """A host already deployed with ``o`` (its wheelhouse, ini and key): nothing to do."""
+    import hashlib
+
+    from playbooks.wheelhouse import manifest
+
+    w = o.workdir
+    wheels = manifest(o.wheelhouse)
+    sums = {f"{w}/wheelhouse/{n}": s for n, s in wheels.items()}
+    sums[f"{w}/DTSetup.ini"] = hashlib.sha256(o.ini.read_bytes()).hexdigest()
+    sums[f"{w}/authkey"] = hashlib.sha256(o.auth_key.read_bytes().strip()).hexdigest()
+    listing = "".join(f"{n}={s}\n" for n, s in sorted(wheels.items()))
+    digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    r = ScriptedRemote(name)
+    r.script(r"^uname -n$", stdout=f"{name}\n")
+    r.script(r"^test -d ")
+    r.script(r"^sha256sum ", stdout="".join(f"{s}  {p}\n" for p, s in sums.items()))
+    r.script(r"^ls ", stdout="".join(n + "\n" for n in wheels))
+    r.script(r"^cat .*/\.wheelhouse", stdout=digest + "\n")
+    r.script(r"bin/dtsetup apply", stdout=dtsetup_json(name, False))
+    return r

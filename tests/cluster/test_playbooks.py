@@ -1,5 +1,6 @@
 """The playbooks against a real 3-node lab: deploy (twice, and with a host unreachable),
-cluster + resources from a spec (twice), spec errors, verify with testinfra.
+cluster + resources from a spec (twice), spec errors, verify with testinfra, and a rolling
+upgrade to a newer version (twice).
 
 One lab for the module; tests build on each other in file order.
 """
@@ -7,6 +8,8 @@ One lab for the module; tests build on each other in file order.
 from __future__ import annotations
 
 import io
+import json
+import threading
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -19,10 +22,18 @@ from playbooks.cli import ensure_key, main
 from playbooks.cluster import ClusterOptions, cluster
 from playbooks.demo import DTSETUP_INI, cluster_spec
 from playbooks.deploy import DeployOptions, deploy
-from playbooks.recap import EXIT_OK, EXIT_SPEC, EXIT_UNREACHABLE, read_retry_file
+from playbooks.recap import (
+    EXIT_OK,
+    EXIT_SPEC,
+    EXIT_UNREACHABLE,
+    PlaybookResult,
+    read_retry_file,
+)
 from playbooks.remote import Connector, fabric_connector
 from playbooks.resources import ResourcesOptions, resources
 from playbooks.spec import ClusterSpec, load_spec
+from playbooks.testing import bumped_wheelhouse
+from playbooks.upgrade import upgrade
 from playbooks.verify import VerifyOptions, verify
 from playbooks.wheelhouse import build_wheelhouse
 
@@ -191,8 +202,135 @@ def test_cli_deploy_json(env: Env) -> None:
             ]
         )
     assert rc == EXIT_OK, out.getvalue()
-    import json
-
     data = json.loads(out.getvalue())
     assert data["changed"] is False and data["hosts"][0]["host"] == "node1"
     assert "dtsetup service" in {t["name"] for t in data["hosts"][0]["tasks"]}
+
+
+# ---------------------------------------------------------------- rolling upgrade [L503-507]
+DTAKE = "/opt/dtake/venv/bin/dtake"
+
+
+def _promoted(lab: Lab, via: str) -> tuple[str, ...] | None:
+    """The nodes where ``data`` is promoted (None: crm_mon did not answer)."""
+    try:
+        st = lab.cluster_status(via)
+    except Exception:
+        return None
+    return tuple(
+        sorted(
+            n
+            for r in st.resources
+            if r.id.split(":")[0] == "data" and r.active and r.role == "Promoted"
+            for n in r.nodes
+        )
+    )
+
+
+def _digest(lab: Lab, node: str) -> set[str]:
+    out = lab.exec(node, "cd /srv/data && find . -type f -exec md5sum {} + | sort", timeout=60)
+    return set(out.stdout.splitlines())
+
+
+def _wait_idle(lab: Lab, node: str) -> None:
+    st = json.loads(lab.exec(node, [DTAKE, "--json", "status"]).stdout)
+    for c in st["connections"]:
+        lab.exec(node, [DTAKE, "wait", str(c["id"]), "--idle", "--timeout", "90"], timeout=120)
+
+
+class Sampler(threading.Thread):
+    """Who holds the promoted copy, sampled from crm_mon until stopped."""
+
+    def __init__(self, lab: Lab, via: str) -> None:
+        super().__init__(daemon=True)
+        self.lab, self.via = lab, via
+        self.samples: list[tuple[str, ...]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            p = _promoted(self.lab, self.via)
+            if p is not None:
+                self.samples.append(p)
+            self.halt.wait(0.3)
+
+    def stop(self) -> list[tuple[str, ...]]:
+        self.halt.set()
+        self.join(60)
+        return self.samples
+
+
+def _runs(samples: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Consecutive equal samples collapsed: the sequence of states seen."""
+    out: list[tuple[str, ...]] = []
+    for s in samples:
+        if not out or out[-1] != s:
+            out.append(s)
+    return out
+
+
+def _sampled_upgrade(env: Env, house: Path) -> tuple[PlaybookResult, list[tuple[str, ...]]]:
+    """The upgrade playbook to HOUSE, with who was promoted sampled all along."""
+    sampler = Sampler(env.lab, "node1")
+    sampler.start()
+    try:
+        res = upgrade(env.lab.nodes, env.connect(), env.opts(wheelhouse=house))
+    finally:
+        samples = sampler.stop()
+    return res, samples
+
+
+def test_rolling_upgrade_to_a_newer_version(env: Env) -> None:
+    """The seed's rolling upgrade [L503-507] from the deployed wheel to a newer one: every
+    node ends on the new version, the replicated data stayed promoted on one node except
+    for the single move to an upgraded node, nothing acknowledged was lost, and a second
+    run changes nothing."""
+    lab = env.lab
+    lab.wait_cluster(timeout=120, settle=True)
+    old = {
+        n: json.loads(lab.exec(n, [DTAKE, "--json", "status"]).stdout)["version"] for n in lab.nodes
+    }
+    new_house = env.tmp / "house-new"
+    new_version = bumped_wheelhouse(env.house, new_house, "upgrade1")
+    assert set(old.values()) != {new_version}
+    hold = lab.wait_for(
+        lambda: p[0] if (p := _promoted(lab, "node1")) and len(p) == 1 else None,
+        120,
+        what="data promoted",
+    )
+    lab.exec(
+        hold,
+        "mkdir -p /srv/data/before && seq 1 200 | while read i; do "
+        "echo before-$i > /srv/data/before/f$i; done && head -c 2000000 /dev/urandom > /srv/data/blob",
+    )
+    _wait_idle(lab, hold)
+    acked = _digest(lab, hold)
+
+    res, samples = _sampled_upgrade(env, new_house)
+    assert res.exit_code == EXIT_OK, res.render(verbose=True)
+    assert res.changed and not res.failed_hosts, res.render()
+    for n in lab.nodes:
+        st = json.loads(lab.exec(n, [DTAKE, "--json", "status"]).stdout)
+        assert st["version"] == new_version, (n, st["version"])
+    # availability: one promoted copy at every sample, but for the one move (demote on the
+    # held node, promote on an upgraded one): hold -> [none] -> an upgraded node
+    runs = _runs(samples)
+    assert len(runs) in (2, 3) and runs[0] == (hold,), runs
+    assert len(runs[-1]) == 1 and runs[-1] != (hold,), runs
+    assert len(runs) == 2 or runs[1] == (), runs
+    new_active = runs[-1][0]
+    # no data lost: everything acknowledged before is on the new active node, and a write
+    # after the upgrade reaches every node byte for byte
+    lab.exec(new_active, "echo after-upgrade > /srv/data/after")
+    _wait_idle(lab, new_active)
+    want = _digest(lab, new_active)
+    assert acked <= want
+    for n in lab.nodes:
+        got = lab.wait_for(
+            lambda n=n: _digest(lab, n) == want or None, 120, what=f"/srv/data on {n}"
+        )
+        assert got
+    # a second run finds every node on the new version and changes nothing
+    again, samples = _sampled_upgrade(env, new_house)
+    assert again.exit_code == EXIT_OK and not again.changed, again.render(verbose=True)
+    assert _runs(samples) == [(new_active,)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -26,7 +25,7 @@ from playbooks.recap import (
 )
 from playbooks.remote import HostTimeout, Remote, expand_limit, run_hosts
 from playbooks.spec import parse_spec
-from playbooks.testing import ScriptedRemote, scripted_connector
+from playbooks.testing import ScriptedRemote, converged_host, fresh_host, scripted_connector
 
 
 def test_recap_line_and_exit_codes() -> None:
@@ -109,48 +108,6 @@ def _opts(tmp: Path) -> DeployOptions:
     return DeployOptions(
         ini=ini, wheelhouse=_wheelhouse(tmp), auth_key=key, retry_file=tmp / "d.retry"
     )
-
-
-def _dtsetup_json(host: str, changed: bool) -> str:
-    steps = [
-        {"name": n, "status": "changed" if changed else "ok", "summary": ""}
-        for n in ("software", "service")
-    ]
-    return json.dumps(
-        {"host": host, "exit_code": 2 if changed else 0, "steps": steps, "reports": []}
-    )
-
-
-def fresh_host(name: str) -> ScriptedRemote:
-    r = ScriptedRemote(name)
-    r.script(r"^uname -n$", stdout=f"{name}\n")
-    r.script(r"^test -d ", rc=1)
-    r.script(r"^umask 077 && mkdir")
-    r.script(r"^sha256sum ")
-    r.script(r"^ls ")
-    r.script(r"^cat .*/\.wheelhouse")
-    r.script(r"-m venv .*pip install")
-    r.script(r"bin/dtsetup apply", rc=2, stdout=_dtsetup_json(name, True))
-    return r
-
-
-def converged_host(name: str, o: DeployOptions) -> ScriptedRemote:
-    w = o.workdir
-    whl = "dtake-0.1.0-py3-none-any.whl"
-    sums = {
-        f"{w}/wheelhouse/{whl}": hashlib.sha256(b"wheel").hexdigest(),
-        f"{w}/DTSetup.ini": hashlib.sha256(o.ini.read_bytes()).hexdigest(),
-        f"{w}/authkey": hashlib.sha256(o.auth_key.read_bytes().strip()).hexdigest(),
-    }
-    digest = hashlib.sha256(f"{whl}={sums[f'{w}/wheelhouse/{whl}']}\n".encode()).hexdigest()[:16]
-    r = ScriptedRemote(name)
-    r.script(r"^uname -n$", stdout=f"{name}\n")
-    r.script(r"^test -d ")
-    r.script(r"^sha256sum ", stdout="".join(f"{s}  {p}\n" for p, s in sums.items()))
-    r.script(r"^ls ", stdout=whl + "\n")
-    r.script(r"^cat .*/\.wheelhouse", stdout=digest + "\n")
-    r.script(r"bin/dtsetup apply", stdout=_dtsetup_json(name, False))
-    return r
 
 
 def test_deploy_fresh_hosts_changes_then_a_converged_run_changes_nothing(tmp_path: Path) -> None:
