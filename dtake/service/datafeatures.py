@@ -354,6 +354,15 @@ def _peer_request(
             for k in ("files", "dirs", "bytes"):
                 f.orphan_stats[k] += getattr(res, k)
         return res.to_dict()
+    if op == "hashes_batch":
+        # Verification: block hashes of many files in one answer (None: no regular file),
+        # hashed here while the source hashes its side (dtake.service.verify).
+        from dtake.service.source import BLOCK
+        from dtake.service.verify import target_hashes_batch
+
+        if int(req.get("block_size", BLOCK)) != BLOCK:
+            raise DtakeError(E.INVALID_PARAMETER, f"hashes_batch hashes {BLOCK}-byte blocks")
+        return {"hashes": target_hashes_batch(tree, [str(p) for p in req.get("paths") or []])}
     if op == "read":
         # Restore reads the target copy back (confined, regular files only).
         fd = tree._open_regular_read(str(req["path"]))

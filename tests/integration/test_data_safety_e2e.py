@@ -256,3 +256,38 @@ def test_verification_log_in_seed_format(tmp_path: Any, service: Factory) -> Non
     assert_same(src, dst)
     ids = [e["id"] for e in a.call("events")]
     assert 4058 in ids and 4062 in ids
+
+
+def test_checksum_verification_finds_same_size_same_time_changes(
+    tmp_path: Any, service: Factory
+) -> None:
+    """More files than one hash batch, in many directories; the planted changes keep
+    size and mtime, so only the block hashes can see them."""
+    src, dst, a, _b, cid = setup_pair(tmp_path, service)
+    for i in range(700):
+        write(os.path.join(src, f"m{i % 7}", f"f{i:04}"), os.urandom(100 + i))
+    big = os.path.join(src, "big.bin")
+    write(big, os.urandom(5 * 65536 + 17))
+    settle(a, cid)
+    assert_same(src, dst)
+    assert a.call("verify", con_id=cid, checksum=True)["different"] == 0
+    planted = ["m0/f0000", "m3/f0353", "m6/f0699"]
+    for rel in [*planted, "big.bin"]:
+        p = os.path.join(dst, rel)
+        st = os.stat(p)
+        with open(p, "r+b") as fh:
+            fh.seek(st.st_size - 1 if rel != "big.bin" else 2 * 65536 + 5)
+            fh.write(b"\x00" if read(p)[-1:] != b"\x00" else b"\x01")
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = a.call("verify", con_id=cid)  # attributes alone see nothing
+    assert r["different"] == 0
+    r = a.call("verify", con_id=cid, checksum=True, remirror=True)
+    assert sorted(d["path"] for d in r["differences"]) == sorted([*planted, "big.bin"])
+    assert {d["reason"] for d in r["differences"]} == {"checksum differs"}
+    assert r["files_checked"] == 702 + 1
+    with open(r["log"], encoding="utf-8") as fh:
+        last = fh.read().split("--- VERIFICATION OF CONNECTION")[-1]
+    assert "      65536 BYTES OUT OF SYNC" in last  # one block of big.bin, not the file
+    settle(a, cid)
+    assert_same(src, dst)
+    assert a.call("verify", con_id=cid, checksum=True)["different"] == 0

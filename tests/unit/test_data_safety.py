@@ -28,6 +28,7 @@ from dtake.service.snapshot import (
     prune,
     revert_into,
 )
+from dtake.service.source import BLOCK
 from dtake.service.verify import (
     Difference,
     FileAttrs,
@@ -36,6 +37,8 @@ from dtake.service.verify import (
     VerifySchedule,
     format_report,
     format_time,
+    hash_blocks_fd,
+    target_hashes_batch,
 )
 
 # ---------------------------------------------------------------------------- data state
@@ -447,3 +450,53 @@ def test_event_texts_and_log_series_rotation(tmp_path: Any) -> None:
     rotated = [n for n in names if n.startswith("dtake.log.")]
     assert 1 <= len(rotated) <= 2  # max_files counts the current file too
     assert os.path.getsize(path) < 600 + 400
+
+
+# ---------------------------------------------------------------------------- verify hashing
+@pytest.mark.parametrize("size", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5])
+def test_verify_block_hashes_equal_the_targets_function(tmp_path: Any, size: int) -> None:
+    from dtake.service.apply import block_hashes_fd
+
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(size))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert hash_blocks_fd(fd, size) == block_hashes_fd(fd, BLOCK)
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert len(hash_blocks_fd(fd, size)) == -(-size // BLOCK)
+    finally:
+        os.close(fd)
+
+
+def test_target_hashes_batch_is_confined_and_reports_non_files(tmp_path: Any) -> None:
+    from dtake.service.apply import TargetTree, block_hashes_fd
+
+    root = tmp_path / "t"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "a").write_bytes(b"x" * (BLOCK + 3))
+    (root / "top").write_bytes(b"hello")
+    (root / "link").symlink_to("top")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (root / "escape").symlink_to(outside)
+    tree = TargetTree(str(root))
+    try:
+        got = target_hashes_batch(
+            tree, ["d/a", "top", "link", "missing", "d", "escape/secret", "d/none"]
+        )
+    finally:
+        tree.close()
+    fd = os.open(root / "d" / "a", os.O_RDONLY)
+    try:
+        assert got["d/a"] == block_hashes_fd(fd, BLOCK)
+    finally:
+        os.close(fd)
+    assert got["top"] is not None and len(got["top"]) == 1
+    # A symlink, a directory, a missing file and a path through a symlinked directory
+    # have no hashes: verification reports them different, never reads outside the copy.
+    assert got["link"] is None
+    assert got["missing"] is None
+    assert got["d"] is None
+    assert got["escape/secret"] is None
+    assert got["d/none"] is None
