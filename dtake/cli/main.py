@@ -128,19 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("id", type=int)
 
-    for name, helptext, actions in (
-        ("mirror", "control the mirror of a connection", ["start", "stop", "pause", "resume"]),
-        (
-            "transmit",
-            "control transmission (stop closes the socket and keeps queueing)",
-            ["start", "stop", "pause", "resume"],
-        ),
-    ):
-        s = sub.add_parser(name, parents=[common], help=helptext)
-        s.add_argument("action", choices=actions)
-        s.add_argument("id", type=int)
-        if name == "mirror":
-            s.add_argument("--mode", choices=["full", "differences", "checksum", "newer"])
+    s = sub.add_parser("mirror", parents=[common], help="control the mirror of a connection")
+    s.add_argument("action", choices=["start", "stop", "pause", "resume"])
+    s.add_argument("id", type=int)
+    s.add_argument("--mode", choices=["full", "differences", "checksum", "newer"])
+    # `transmit start|stop|pause|resume ID` and `transmit schedule`: dtake.cli.transmit
 
     s = sub.add_parser(
         "verify", parents=[common], help="compare source and target; report differing files"
@@ -303,9 +295,6 @@ def _run(args: argparse.Namespace) -> int:
         elif args.cmd == "mirror":
             r = cl.call("mirror", con_id=args.id, action=args.action, mode=args.mode)
             _print(r, args, f"connection {args.id}: mirror {r['mirror_status']}")
-        elif args.cmd == "transmit":
-            r = cl.call("transmit", con_id=args.id, action=args.action)
-            _print(r, args, f"connection {args.id}: transmission {r['state']}")
         elif args.cmd == "verify":
             r = cl.call(
                 "verify",

@@ -2,11 +2,12 @@
 schedules, bandwidth limits and compression (seed §5.2, §6.1, §12).
 
 Registered in ``dtake.cli.main.EXTENSIONS``. ``target`` acts on the service that is the
-target; ``transmit schedule``, ``bandwidth`` and ``compression`` act on the source, for
-one target IP (or a connection ID standing for its target IP): the seed shares them
-between all connections from one source to the same target IP [L5501, L5534, L5573].
-``dtake transmit start|stop|pause|resume ID`` stays in ``dtake.cli.main``;
-the schedule is ``dtake transmit-schedule TARGET ...``.
+target; ``transmit start|stop|pause|resume ID`` act on one connection of the source;
+``transmit schedule``, ``bandwidth`` and ``compression`` act on the source, for one
+target IP (or a connection ID standing for its target IP): the seed shares them between
+all connections from one source to the same target IP [L5501, L5534, L5573].
+``transmit-schedule TARGET ...`` is a hidden alias of ``transmit schedule`` kept for
+scripts written before the schedule moved under ``transmit``.
 """
 
 from __future__ import annotations
@@ -55,20 +56,50 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--algorithm", default="zlib", choices=("zlib", "zstd", "none"))
     s.add_argument("--level", type=int, help="zlib 1-9, zstd 1-19 (default: the codec's)")
 
-    # `dtake transmit ACTION ID` (dtake.cli.main) takes a numeric ID, so the schedule,
-    # which belongs to a target IP, is its own subcommand.
-    s = sub.add_parser(
-        "transmit-schedule",
+    # The actions' own --json/--socket default to "not given" so that a flag given
+    # before the action (`transmit --json schedule ...`) is not reset by the action's
+    # parser (argparse lets a subparser's defaults overwrite its parent's values).
+    inner = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    inner.add_argument("--socket", dest="sub_socket", metavar="SOCKET", help="control socket")
+    inner.add_argument(
+        "--json", dest="sub_json", action="store_true", help="machine-readable output"
+    )
+    tx = sub.add_parser(
+        "transmit",
         parents=[common],
+        help="control transmission: start|stop|pause|resume ID, schedule TARGET [L5485-5526]",
+        description="Stopped closes the socket and keeps queueing; Paused keeps the socket "
+        "and sends nothing; the schedule belongs to a target IP (all its connections).",
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("start", "transmit (also retries after a failed auto-reconnect)"),
+        ("stop", "close the socket, keep queueing (spills to disk)"),
+        ("pause", "keep the socket, send nothing, keep queueing"),
+        ("resume", "send again after pause"),
+    ):
+        s = tx.add_parser(action, parents=[inner], help=text)
+        s.add_argument("id", type=int, help="connection ID")
+    s = tx.add_parser(
+        "schedule",
+        parents=[inner],
         help="transmission schedule for one target IP: start/stop criteria, window [L5497-5526]",
     )
+    _schedule_args(s)
+    # Hidden alias (the form before `transmit schedule`): no help=, so not listed.
+    s = sub.add_parser("transmit-schedule", parents=[common])
     _schedule_args(s)
 
 
 def _schedule_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("target", help="target IP or a connection ID")
     s.add_argument(
-        "action", nargs="?", default="show", choices=("show", "set", "enable", "disable", "clear")
+        "sched_action",
+        metavar="ACTION",
+        nargs="?",
+        default="show",
+        choices=("show", "set", "enable", "disable", "clear"),
+        help="show (default); set (replaces the schedule with the options given); enable; "
+        "disable (keeps the settings); clear",
     )
     s.add_argument("--start-at", action="append", metavar="HH:MM", help="daily start time")
     s.add_argument("--start-queued-mb", type=float, help="start once this much is queued")
@@ -92,11 +123,15 @@ def run(args: argparse.Namespace, cl: Any) -> int | None:
             f"target {r['status']}: {r['queue_ops']} ops, {r['queue_bytes']} bytes queued",
         )
         return 0
-    if args.cmd == "transmit-schedule":
+    if args.cmd == "transmit" and args.action != "schedule":
+        r = cl.call("transmit", con_id=args.id, action=args.action)
+        _print(r, args, f"connection {args.id}: transmission {r['state']}")
+        return 0
+    if args.cmd == "transmit-schedule" or args.cmd == "transmit":
         r = cl.call(
             "transmit_schedule",
             target=args.target,
-            action=args.action,
+            action=args.sched_action,
             start_at=args.start_at,
             start_queued_mb=args.start_queued_mb,
             stop_at=args.stop_at,

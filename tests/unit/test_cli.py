@@ -138,3 +138,99 @@ def test_usage_errors_exit_2(bad: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(bad)
     assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------- transmit
+@pytest.fixture
+def tx(tmp_path: Any) -> Iterator[FakeControl]:
+    path = os.path.join(str(tmp_path), "ctl.sock")
+    sched = {
+        "enabled": True,
+        "start_at": ["21:00"],
+        "start_queued_mb": None,
+        "stop_at": None,
+        "stop_after_min": None,
+        "window": ["21:00", "04:00"],
+    }
+    f = FakeControl(
+        path,
+        {
+            "transmit": lambda **a: {"id": a["con_id"], "state": "Paused"},
+            "transmit_schedule": lambda **a: {
+                "target": a["target"],
+                "schedule": sched,
+                "active": False,
+            },
+        },
+    )
+    yield f
+    f.close()
+
+
+@pytest.mark.parametrize("action", ["start", "stop", "pause", "resume"])
+def test_transmit_actions_take_a_connection_id(tx: FakeControl, capsys: Any, action: str) -> None:
+    assert main(["--socket", tx.path, "transmit", action, "4"]) == 0
+    assert tx.requests[-1] == ("transmit", {"con_id": 4, "action": action})
+    assert capsys.readouterr().out.strip() == "connection 4: transmission Paused"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["transmit", "schedule", "10.0.0.2", "set", "--start-at", "21:00"],
+        ["transmit-schedule", "10.0.0.2", "set", "--start-at", "21:00"],  # hidden alias
+    ],
+)
+def test_transmit_schedule_and_its_hidden_alias_send_the_same_request(
+    tx: FakeControl, capsys: Any, argv: list[str]
+) -> None:
+    assert main(["--socket", tx.path, *argv, "--window", "21:00", "04:00"]) == 0
+    cmd, args = tx.requests[-1]
+    assert cmd == "transmit_schedule"
+    assert args == {
+        "target": "10.0.0.2",
+        "action": "set",
+        "start_at": ["21:00"],
+        "start_queued_mb": None,
+        "stop_at": None,
+        "stop_after_min": None,
+        "window": ["21:00", "04:00"],
+    }
+    out = capsys.readouterr().out
+    assert out.startswith("10.0.0.2: schedule enabled, transmission waiting")
+    assert "window 21:00-04:00" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--json", "transmit", "schedule", "7"],
+        ["transmit", "--json", "schedule", "7"],
+        ["transmit", "schedule", "7", "--json"],
+    ],
+)
+def test_transmit_schedule_json_wherever_the_flag_is(
+    tx: FakeControl, capsys: Any, argv: list[str]
+) -> None:
+    assert main(["--socket", tx.path, *argv]) == 0
+    assert tx.requests[-1][1]["action"] == "show"
+    assert json.loads(capsys.readouterr().out)["target"] == "7"
+
+
+def test_transmit_help_lists_schedule_and_hides_the_alias(capsys: Any) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "transmit-schedule" not in top and "transmit " in top
+    with pytest.raises(SystemExit):
+        main(["transmit", "--help"])
+    out = capsys.readouterr().out
+    for action in ("start", "stop", "pause", "resume", "schedule"):
+        assert f"    {action} " in out
+
+
+def test_transmit_action_needs_a_numeric_id(tx: FakeControl, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--socket", tx.path, "transmit", "stop", "10.0.0.2"])
+    assert exc.value.code == 2
+    assert tx.requests == []
