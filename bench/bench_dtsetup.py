@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -112,14 +113,18 @@ class Bench:
         # The seed's layout: the install files beside DTSetup.ini (no --wheelhouse needed).
         shutil.copytree(house, media / "wheelhouse", ignore=shutil.ignore_patterns(".*"))
         self.samples: dict[str, list[float]] = {k: [] for k, _ in MEASURES}
+        self.cpu: dict[str, list[float]] = {k: [] for k, _ in MEASURES}
         self.failures: list[str] = []
 
     def timed(self, key: str, args: list[str], expect: int) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.monotonic()
         proc = subprocess.run(
             [str(DTSETUP), *args], capture_output=True, text=True, check=False, cwd=self.work
         )
         elapsed = time.monotonic() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         if proc.returncode != expect:
             tail = (proc.stderr or proc.stdout).strip()[-600:]
             self.failures.append(f"{key}: exit {proc.returncode}, expected {expect}: {tail}")
@@ -128,6 +133,7 @@ class Bench:
             self.failures.append(f"{key}: not a no-op: {proc.stdout.strip()[-300:]}")
             return
         self.samples[key].append(elapsed)
+        self.cpu[key].append(cpu)
 
     def run(self, r: int, reps: int) -> None:
         root = fresh_root(self.work / f"root{r}")
@@ -149,11 +155,16 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.0f} ms" if values else "-"
 
 
-def build_rows(samples: dict[str, list[float]]) -> list[Row]:
+def build_rows(samples: dict[str, list[float]], cpu: dict[str, list[float]]) -> list[Row]:
     rows: list[Row] = []
     for key, what in MEASURES:
         v = samples[key]
-        note = f"n={len(v)}, {min(v) * 1000:.0f}-{max(v) * 1000:.0f} ms" if v else "no sample"
+        note = (
+            f"n={len(v)}, {min(v) * 1000:.0f}-{max(v) * 1000:.0f} ms; "
+            f"CPU (user+sys, incl. children) median {_ms(cpu[key])}"
+            if v
+            else "no sample"
+        )
         value = f"{statistics.median(v):.2f} s" if key == "apply_first" and v else _ms(v)
         rows.append(Row(what, value, "-", None, "(info)", None, note))
     noop, val = samples["apply_noop"], samples["validate"]
@@ -168,7 +179,8 @@ def build_rows(samples: dict[str, list[float]]) -> list[Row]:
                 f"<= {GOAL_RATIO:.1f}",
                 ratio <= GOAL_RATIO,
                 "ratio = median no-op apply / median validate, same file, interleaved; "
-                "lower is better",
+                f"lower is better; CPU-time ratio "
+                f"{statistics.median(cpu['apply_noop']) / statistics.median(cpu['validate']):.2f}",
             )
         )
     return rows
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"work dir kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    rows = build_rows(bench.samples)
+    rows = build_rows(bench.samples, bench.cpu)
     title = (
         f"dtsetup benchmark ({a.runs} run(s) x {a.reps} reps, {info['cpus']} CPUs, "
         f"load {info['loadavg_at_start']}, fs {info.get('fs')})"
@@ -224,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": a.reps,
         "table": [r.to_dict() for r in rows],
         "results_s": {key: summary(bench.samples[key]) for key, _ in MEASURES},
+        "cpu_s": {key: summary(bench.cpu[key]) for key, _ in MEASURES},
         "failures": bench.failures,
     }
     path = write_json(a.json or "dtsetup", doc)

@@ -12,11 +12,18 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from dtsetup import __version__, actions
+from dtsetup import __version__
 from dtsetup.reports import Code, Report, error
 from dtsetup.silent import is_silent, parse_silent
+
+if TYPE_CHECKING:
+    from dtsetup import actions
+
+# ``dtsetup.actions`` (every step, subprocess, the transaction machinery) is imported only
+# by the commands that converge: --version, usage errors and validate start faster
+# without it (bench/bench_dtsetup.py).
 
 __all__ = ["main"]
 
@@ -111,6 +118,8 @@ def _json(data: Any, out: TextIO) -> None:
 
 
 def _options(args: argparse.Namespace, *, check: bool) -> actions.ApplyOptions:
+    from dtsetup import actions
+
     return actions.ApplyOptions(
         host=args.host,
         root=args.root,
@@ -131,6 +140,8 @@ def _silent(argv: Sequence[str], err: TextIO) -> int:
     if problem is not None or path is None:
         _print_reports([problem] if problem else [], err)
         return EXIT_FAILED
+    from dtsetup import actions
+
     # /qn: no user interface; only errors are shown. The silent form takes no other
     # options (the seed forbids other words), so DTSETUP_ROOT / DTSETUP_HOST from the
     # environment stand in for --root / --host (image builds, tests).
@@ -155,7 +166,9 @@ def run(argv: Sequence[str], out: TextIO, err: TextIO) -> int:
         print(exc, file=err)
         return EXIT_FAILED
     if args.command == "validate":
-        loaded = actions.validate(args.file, strict=args.strict, host=args.host)
+        from dtsetup import model  # not actions: validate reads, it converges nothing
+
+        loaded = model.load(args.file, host=args.host, strict=args.strict)
         if args.json:
             _json(
                 {
@@ -179,6 +192,8 @@ def run(argv: Sequence[str], out: TextIO, err: TextIO) -> int:
                     file=out,
                 )
         return EXIT_OK if loaded.ok else EXIT_FAILED
+    from dtsetup import actions
+
     if args.command in ("plan", "apply"):
         check = args.command == "plan" or args.check
         result = actions.apply(args.file, _options(args, check=check))

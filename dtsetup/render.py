@@ -6,9 +6,8 @@ second apply report nothing changed.
 
 from __future__ import annotations
 
+import re
 from typing import Any
-
-import yaml
 
 from dtsetup import paths
 from dtsetup.model import KEYS, Settings
@@ -40,8 +39,38 @@ def service_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+# Strings YAML writes as they are (no quotes, never read back as a number, bool or null):
+# absolute paths of plain characters and the fixed words of the config.
+_PLAIN = re.compile(r"/[A-Za-z0-9_./-]*|0\.0\.0\.0|unlimited|dtadmin|dtmon")
+
+
+def _plain_block(mapping: dict[str, Any], indent: str = "") -> str | None:
+    """``mapping`` as yaml.safe_dump(sort_keys=False) writes it, when every value is an
+    int or a :data:`_PLAIN` string; None otherwise (the caller then uses PyYAML)."""
+    out: list[str] = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            inner = _plain_block(value, indent + "  ")
+            if inner is None:
+                return None
+            out.append(f"{indent}{key}:\n{inner}")
+            continue
+        number = isinstance(value, int) and not isinstance(value, bool)
+        if not (number or (isinstance(value, str) and _PLAIN.fullmatch(value))):
+            return None
+        out.append(f"{indent}{key}: {value}\n")
+    return "".join(out)
+
+
 def service_config_text(settings: Settings) -> str:
-    body = yaml.safe_dump(service_config(settings), sort_keys=False, default_flow_style=False)
+    """The config's bytes. The usual values are written directly (the same bytes PyYAML
+    writes, a unit test compares them): a no-op apply need not import PyYAML."""
+    config = service_config(settings)
+    body = _plain_block(config)
+    if body is None:
+        import yaml
+
+        body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
     return HEADER + body
 
 
@@ -68,6 +97,8 @@ def export_ini(section: str, keys: dict[str, Any], *, include_secrets: bool) -> 
 
 
 def export_yaml(section: str, keys: dict[str, Any], *, include_secrets: bool) -> str:
+    import yaml
+
     body: dict[str, Any] = {}
     for key in KEYS:
         if key not in keys:

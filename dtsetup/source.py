@@ -38,8 +38,10 @@ class RawDocument:
 
 def load_document(path: Path, *, text: str | None = None) -> tuple[RawDocument, list[Report]]:
     """Read ``path`` as YAML when it ends in .yaml/.yml, else as DTSetup.ini."""
-    from dtsetup import ini, yamlsrc
-
     if path.suffix.lower() in (".yaml", ".yml"):
+        from dtsetup import yamlsrc
+
         return yamlsrc.load(path, text=text)
+    from dtsetup import ini  # without PyYAML: an INI file does not need it
+
     return ini.load(path, text=text)

@@ -301,3 +301,73 @@ def test_existing_supervisor_log_kept_on_rollback(
     log.write_text("an earlier run\nand this one\n")
     txn.rollback()
     assert log.exists()  # not ours to remove: it was there before
+
+
+class FakePortFirewall:
+    """firewalld or ufw as a set of open "port/proto" strings, driven by the exact command
+    lines dtsetup sends (scripted: no firewalld or ufw runs on the test machine)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.open: set[str] = set()
+        self.permanent: set[str] = set()
+
+    def install(self, runner: ScriptedRunner) -> None:
+        if self.kind == "firewalld":
+            runner.on("firewall-cmd", answer=self.firewall_cmd)
+        else:
+            runner.on("ufw", answer=self.ufw)
+
+    def firewall_cmd(self, argv: tuple[str, ...], input: str | None) -> int:
+        args = list(argv[1:])
+        target = self.open
+        if args[0] == "--permanent":
+            target, args = self.permanent, args[1:]
+        for arg in args:
+            verb, spec = arg[2:].split("=", 1)
+            if verb == "query-port":
+                return 0 if spec in self.open else 1
+            (target.add if verb == "add-port" else target.discard)(spec)
+        return 0
+
+    def ufw(self, argv: tuple[str, ...], input: str | None) -> Completed:
+        if argv[1:] == ("status",):
+            rows = "".join(f"{spec:<12} ALLOW       Anywhere\n" for spec in sorted(self.open))
+            return Completed(argv, 0, "Status: active\n\nTo Action From\n" + rows)
+        if argv[1] == "allow":
+            self.open.add(argv[2])
+        elif argv[1:3] == ("delete", "allow"):
+            self.open.discard(argv[3])
+        return Completed(argv, 0)
+
+
+@pytest.mark.parametrize("kind", ["firewalld", "ufw"])
+def test_firewalld_ufw_open_move_close_and_undo(
+    tmp_path: Path, full_ini: Callable[..., Path], kind: str
+) -> None:
+    """Open, then a new PORT (old one closed), then SET_FWPORT=N, then an undone apply:
+    the same life cycle the nftables table goes through for real in the namespace test."""
+    runner, fw = ScriptedRunner(), FakePortFirewall(kind)
+    fw.install(runner)
+    ctx = ctx_for(tmp_path, settings(full_ini()), runner)
+    FirewallStep(backend=kind).apply(ctx, Transaction())
+    assert fw.open == {"6320/tcp", "6320/udp"}
+    assert not FirewallStep(backend=kind).plan(ctx).changed
+    if kind == "firewalld":
+        assert fw.permanent == fw.open  # survives a firewalld reload/reboot
+
+    previous = {"installed": {"firewall": {"backend": kind, "port": 6320}}}
+    moved = ctx_for(tmp_path, settings(full_ini(PORT="7000")), runner, previous=previous)
+    step = FirewallStep(backend=kind)
+    assert step.plan(moved).summary == f"remove 6320/tcp+udp ({kind}); add 7000/tcp+udp ({kind})"
+    step.apply(moved, Transaction())
+    assert fw.open == {"7000/tcp", "7000/udp"}
+
+    previous = {"installed": {"firewall": {"backend": kind, "port": 7000}}}
+    off = ctx_for(tmp_path, settings(full_ini(SET_FWPORT="N")), runner, previous=previous)
+    txn = Transaction()
+    FirewallStep(backend=kind).apply(off, txn)
+    assert fw.open == set()
+    assert txn.rollback() == []  # a later step failed: the port is open again
+    assert fw.open == {"7000/tcp", "7000/udp"}
+    assert runner.unexpected == []
