@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     _common(v)
     v.add_argument("--dtake-bin", default="/opt/dtake/venv/bin/dtake")
     v.add_argument("--no-cluster", action="store_true", help="node checks only")
+    v.add_argument(
+        "--no-multiplex",
+        action="store_true",
+        help="one ssh connection per command (default: one per host, ControlMaster)",
+    )
     u = sub.add_parser("upgrade", help="rolling upgrade [L503-507]")
     _common(u)
     u.add_argument("--ini", required=True)
@@ -155,12 +160,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in ("deploy", "upgrade"):
         from playbooks.deploy import DeployOptions, deploy
-        from playbooks.wheelhouse import build_wheelhouse
+        from playbooks.wheelhouse import REPO, build_wheelhouse
 
         ini = Path(args.ini)
         if not ini.is_file():
             return _fail([Finding("USAGE", f"{ini}: no such file")], args, args.command)
-        house = Path(args.wheelhouse) if args.wheelhouse else build_wheelhouse()[0]
+        if args.wheelhouse:
+            house = Path(args.wheelhouse)
+        elif (REPO / "pyproject.toml").is_file():
+            house = build_wheelhouse()[0]
+        else:  # an installed playbooks package: no sources to build a wheelhouse from
+            msg = "--wheelhouse DIR is required outside a checkout of the dtake repo"
+            return _fail([Finding("USAGE", msg)], args, args.command)
         key = Path(args.auth_key) if args.auth_key else ini.parent / "dtake-cluster.key"
         ensure_key(key)
         o = DeployOptions(
@@ -199,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             dtake_bin=args.dtake_bin,
             cluster=not args.no_cluster,
             expect_nodes=spec.node_names if spec else hosts,
+            forks=args.forks,
+            multiplex=not args.no_multiplex,
         )
         return _emit(verify(hosts, vo), args)
     raise AssertionError(args.command)

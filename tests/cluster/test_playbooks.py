@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -170,16 +171,26 @@ def test_cluster_and_resources_converge_then_second_run_changes_nothing(env: Env
 def test_verify_runs_the_infra_suites_on_every_node(env: Env) -> None:
     lab = env.lab
     lab.wait_cluster(timeout=120, settle=True)
-    res = verify(
-        lab.nodes,
-        VerifyOptions(ssh_config=lab.ssh_config, expect_nodes=lab.nodes, timeout=300),
-    )
+    o = VerifyOptions(ssh_config=lab.ssh_config, expect_nodes=lab.nodes, timeout=300)
+    res = verify(lab.nodes, o)
     assert res.exit_code == EXIT_OK, res.render(verbose=True)
     for h in res.hosts:
         names = {t.name: t.status for t in h.tasks}
         assert names.get("test_service_is_supervised_and_running") == "ok", h.tasks
         assert names.get("test_replicated_disk_has_one_promoted_copy") == "ok", h.tasks
         assert names.get("test_ocf_agents_installed") == "ok", h.tasks
+    # a key readable by others on node2: that check fails there, and only there
+    lab.exec("node2", ["chmod", "0644", "/etc/dtake/authkey"])
+    try:
+        bad = verify(lab.nodes, o)
+    finally:
+        lab.exec("node2", ["chmod", "0600", "/etc/dtake/authkey"])
+    assert bad.exit_code != EXIT_OK and bad.failed_hosts == ["node2"], bad.render()
+    failed = [t.name for h in bad.hosts for t in h.tasks if t.status == "failed"]
+    assert failed == ["test_auth_key_is_private"], bad.render()
+    # no ssh master left behind by the multiplexed run
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "dtake-verify-" not in ps
 
 
 def test_cli_deploy_json(env: Env) -> None:

@@ -12,7 +12,12 @@ Against lab nodes (lab/), through the lab's ssh_config::
         --ssh-config=/run/dtake-lab-dtl/ssh/ssh_config --dtake-bin=/opt/dtake/venv/bin/dtake \
         --dtake-agents --dtake-cluster
 
-(``python -m playbooks verify`` runs exactly this and maps the results to hosts.)
+(``python -m playbooks verify`` runs this, one pytest per host in parallel over one
+multiplexed ssh connection per host, and maps the results to hosts.)
+
+Each module asks a host as few questions as it can: the config, the service status, the
+dtsetup record and ``crm_mon`` are read once per module (module-scoped fixtures below),
+the attributes of every file the checks look at come from one ``stat`` call.
 
 Without ``--hosts`` (CI, a developer machine) the suite starts a real local service in a
 temporary directory and checks it through testinfra's local backend, so the same checks
@@ -21,6 +26,7 @@ run everywhere.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -29,6 +35,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
+from infra_facts import AGENT_DIR, AGENTS, RECORD, Stat, config_paths
 
 
 def pytest_addoption(parser: Any) -> None:
@@ -119,3 +127,52 @@ def dtake_target(request: Any) -> Iterator[Target]:
     finally:
         svc.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- facts, once per module
+@pytest.fixture(scope="module")
+def dtake_config(host: Any, dtake_target: Target) -> dict[str, Any]:
+    """The service config on the host (one ``cat``)."""
+    out = host.run("cat %s", dtake_target.config)
+    assert out.rc == 0, f"{dtake_target.config} is missing: {out.stderr.strip()}"
+    data = yaml.safe_load(out.stdout) or {}
+    assert isinstance(data, dict), f"{dtake_target.config}: not a mapping"
+    return data
+
+
+@pytest.fixture(scope="module")
+def stats(host: Any, dtake_target: Target, dtake_config: dict[str, Any]) -> dict[str, Stat]:
+    """mode/owner/type of every path the checks look at, from one ``stat`` (missing paths
+    are absent from the result)."""
+    paths = [dtake_target.config, RECORD, *config_paths(dtake_config).values()]
+    paths += [f"{AGENT_DIR}/{a}" for a in AGENTS]
+    out = host.run("stat -c %s -- " + " ".join(["%s"] * len(paths)), "%a|%U|%G|%F|%n", *paths)
+    got: dict[str, Stat] = {}
+    for line in out.stdout.splitlines():
+        parts = line.split("|", 4)
+        if len(parts) == 5:
+            got[parts[4]] = Stat(int(parts[0], 8), parts[1], parts[2], parts[3])
+    return got
+
+
+@pytest.fixture(scope="module")
+def dtake_status(host: Any, dtake_target: Target, dtake_config: dict[str, Any]) -> dict[str, Any]:
+    """``dtake --json status`` through the control socket (one call)."""
+    sock = config_paths(dtake_config)["control_socket"]
+    out = host.run(f"{dtake_target.dtake_bin} --socket %s --json status", sock)
+    assert out.rc == 0, f"dtake status: {out.stderr.strip()}"
+    data = json.loads(out.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def dtsetup_record(host: Any, dtake_target: Target) -> dict[str, Any]:
+    """/etc/dtake/dtsetup.json (skips on the local throwaway service: not installed)."""
+    if not dtake_target.installed:
+        pytest.skip("local service: not installed by dtsetup (run with --hosts)")
+    out = host.run("cat %s", RECORD)
+    assert out.rc == 0, f"{RECORD} missing: not installed by dtsetup"
+    data = json.loads(out.stdout)
+    assert isinstance(data, dict)
+    return data

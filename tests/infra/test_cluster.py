@@ -1,5 +1,6 @@
 """Cluster checks (``--dtake-cluster``): membership, quorum and the roles of the dtake
-resources, from ``crm_mon --output-as xml`` on each host (never the text output)."""
+resources, from ``crm_mon --output-as xml`` on each host (never the text output), run
+once per host and parsed once for the whole module."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 OK_TEXT = "The status of all targets is OK."
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def crm(host: Any, dtake_target: Any) -> ET.Element:
     if not dtake_target.cluster:
         pytest.skip("cluster checks not requested (--dtake-cluster)")
@@ -20,8 +21,7 @@ def crm(host: Any, dtake_target: Any) -> ET.Element:
 
 def test_membership(host: Any, dtake_target: Any, crm: ET.Element) -> None:
     online = {n.get("name") for n in crm.iter("node") if n.get("online") == "true"}
-    me = host.check_output("crm_node -n").strip()
-    expected = set(dtake_target.nodes) or {me}
+    expected = set(dtake_target.nodes) or {host.check_output("crm_node -n").strip()}
     assert expected <= online, f"offline: {sorted(expected - online)}"
 
 
