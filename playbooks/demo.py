@@ -75,6 +75,10 @@ class DemoReport:
 
 
 def _lab_cls() -> Any:
+    if not (REPO / "lab").is_dir():
+        raise DemoError(
+            "the demo runs from a checkout of the dtake repo (lab/ is not in the wheel)"
+        )
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from lab import Lab

@@ -27,7 +27,18 @@ __all__ = [
     "parse_spec",
 ]
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "cluster.schema.json"
+
+def _schema_path() -> Path:
+    """schemas/ of the checkout, else the copy the dtake package ships (installed wheel)."""
+    repo = Path(__file__).resolve().parents[1] / "schemas" / "cluster.schema.json"
+    if repo.is_file():
+        return repo
+    import dtake
+
+    return Path(dtake.__file__).resolve().parent / "schemas" / "cluster.schema.json"
+
+
+SCHEMA_PATH = _schema_path()
 
 
 class SpecError(Exception):

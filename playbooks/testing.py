@@ -118,7 +118,7 @@ def bumped_wheelhouse(house: Path, dest: Path, local: str, *, repo: Path | None 
     import tempfile
     import tomllib
 
-    from playbooks.wheelhouse import REPO
+    from playbooks.wheelhouse import REPO, SOURCES
 
     repo = repo or REPO
     old = str(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["version"])
@@ -130,14 +130,7 @@ def bumped_wheelhouse(house: Path, dest: Path, local: str, *, repo: Path | None 
     with tempfile.TemporaryDirectory(prefix="dtake-bump-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
-        for top in (
-            "pyproject.toml",
-            "README.md",
-            "dtake",
-            "dtsetup",
-            "resource_agents",
-            "schemas",
-        ):
+        for top in SOURCES:  # what goes into the wheel
             p = repo / top
             if p.is_dir():
                 shutil.copytree(p, src / top, ignore=shutil.ignore_patterns("__pycache__"))

@@ -15,10 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["REPO", "build_wheelhouse", "manifest", "source_digest"]
+__all__ = ["REPO", "SOURCES", "build_wheelhouse", "manifest", "source_digest"]
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "dtake", "dtsetup", "resource_agents", "schemas")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "dtake",
+    "dtsetup",
+    "resource_agents",
+    "schemas",
+    "playbooks",
+    "tests/infra",  # shipped as playbooks/infra (a symlink in the checkout)
+)
 
 
 def source_digest(repo: Path = REPO) -> str:

@@ -93,3 +93,47 @@ def test_vagrantfile_knobs(tmp_path: Path) -> None:
     assert defined == ["node1", "node2"]
     nets = [c["kw"]["ip"] for c in calls if c["path"].endswith(".vm.network")]
     assert nets == ["10.9.8.11", "10.9.8.12"]
+
+
+def test_run_playbooks_script_calls_the_cli_with_arguments_it_accepts(tmp_path: Path) -> None:
+    """run-playbooks.sh with a recording python: every call parses with the real CLI, in the
+    order deploy, cluster, resources, verify, and the script stops at the first failure."""
+    import sys
+
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "from playbooks.cli import _parser\n"
+        "args = sys.argv[3:]\n"
+        "_parser().parse_args(args)\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(args) + '\\n')\n"
+        "sys.exit(int(os.environ.get('FAIL_AT') == args[0]) * 2)\n"
+    )
+    fake.chmod(0o755)
+    script = VAGRANT / "run-playbooks.sh"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(VAGRANT.parent)}
+    r = subprocess.run(
+        [str(script), str(tmp_path / "ssh_config"), "node1,node2", str(fake)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == ["deploy", "cluster", "resources", "verify"]
+    for c in calls:
+        assert c[c.index("--ssh-config") + 1] == str(tmp_path / "ssh_config")
+        assert c[c.index("--hosts") + 1] == "node1,node2"
+    log.unlink()
+    r = subprocess.run(
+        [str(script), str(tmp_path / "ssh_config"), "node1,node2", str(fake)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "FAIL_AT": "cluster"},
+    )
+    assert r.returncode == 2
+    assert [json.loads(line)[0] for line in log.read_text().splitlines()] == ["deploy", "cluster"]
