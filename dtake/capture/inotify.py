@@ -434,6 +434,11 @@ class InotifyCapture:
                 append(FsEvent(EventKind.MOVED, old, is_dir, path))
                 if is_dir:
                     self._rename_watches(old, path)
+                    if path not in self._path_wd:
+                        # Created and renamed before its CREATE was handled: watching
+                        # the old name failed, so nothing below it is watched yet.
+                        # Watch it now and report what it holds (duplicates, no loss).
+                        self._new_dir(path, out)
 
     def _self_event(self, wd: int, mask: int, path: str, out: list[FsEvent]) -> None:
         """An event a watched directory reports about itself."""

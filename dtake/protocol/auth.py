@@ -60,7 +60,8 @@ __all__ = [
 KEY_BYTES = 32
 NONCE_BYTES = 32
 # Oldest protocol version this build can speak; HELLO offers [MIN, PROTOCOL_VERSION].
-MIN_PROTOCOL_VERSION = 1
+# Frames carry the version and are checked strictly, so a build speaks only its own.
+MIN_PROTOCOL_VERSION = 2
 # An unauthenticated peer may hold a server thread this long per handshake step.
 HANDSHAKE_TIMEOUT = 10.0
 _LABEL = b"dtake-auth-v1"

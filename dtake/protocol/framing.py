@@ -56,7 +56,8 @@ __all__ = [
     "error_from_payload",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: OPS_DATA frames (op data as a raw trailer, dtake.protocol.opwire); cumulative ACKs.
+PROTOCOL_VERSION = 2
 MAGIC = b"DT"
 HEADER = struct.Struct(">2sBBBBII")
 PRE_AUTH_MAX_FRAME = 4 * 1024
@@ -79,6 +80,7 @@ class MsgType(enum.IntEnum):
     PING = 10  # keepalive / liveness probe
     PONG = 11
     BYE = 12  # orderly shutdown: the sender closes after this
+    OPS_DATA = 13  # source -> target: ops with their data as a raw trailer (opwire.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,14 +246,52 @@ class FrameSocket:
             )
         return wire
 
+    def send_parts(
+        self, mtype: MsgType, parts: list[bytes | memoryview], *, compress: Codec | None = None
+    ) -> int:
+        """Send one frame whose payload is ``parts`` joined, without joining them (one
+        gather-write); compressed frames are joined first. Returns the wire bytes."""
+        raw_len = sum(len(p) for p in parts)
+        if compress is not None and raw_len >= MIN_COMPRESS:
+            return self.send(mtype, b"".join(parts), compress=compress)
+        self._check_usable()
+        if raw_len > self.max_frame:
+            raise FrameTooLarge(f"frame of {raw_len} bytes exceeds the limit of {self.max_frame}")
+        header = HEADER.pack(MAGIC, self._version, int(mtype), 0, 0, raw_len, raw_len)
+        with self._send_lock:
+            self._check_usable()
+            try:
+                if raw_len <= 64 * 1024:
+                    self._sock.sendall(b"".join([header, *parts]))
+                else:
+                    self._sendmsg_all([memoryview(header), *(memoryview(p) for p in parts)])
+            except OSError as exc:
+                self._break(f"send failed: {exc}")
+                raise ProtocolError(f"send failed: {exc}", reason="SEND_FAILED") from exc
+        wire = HEADER.size + raw_len
+        with self._stats_lock:
+            s = self._stats
+            self._stats = FrameStats(
+                s.frames_sent + 1,
+                s.frames_received,
+                s.bytes_sent_raw + wire,
+                s.bytes_sent_wire + wire,
+                s.bytes_received_raw,
+                s.bytes_received_wire,
+            )
+        return wire
+
     def _sendv(self, header: bytes, body: bytes | memoryview) -> None:
         if len(body) <= 64 * 1024:
             self._sock.sendall(header + bytes(body))
             return
         # Large payloads: gather-write, no copy of the payload.
-        views = [memoryview(header), memoryview(body)]
+        self._sendmsg_all([memoryview(header), memoryview(body)])
+
+    def _sendmsg_all(self, views: list[memoryview]) -> None:
+        views = [v for v in views if len(v)]
         while views:
-            n = self._sock.sendmsg(views)
+            n = self._sock.sendmsg(views[:512])  # IOV_MAX is 1024
             while n and views:
                 if n >= len(views[0]):
                     n -= len(views[0])
@@ -349,8 +389,19 @@ class FrameSocket:
         return mtype, payload
 
     def recv_obj(self, timeout: float | None = None) -> tuple[MsgType, Any]:
-        """``recv`` plus msgpack decoding; undecodable payloads are a ProtocolError."""
+        """``recv`` plus msgpack decoding; undecodable payloads are a ProtocolError.
+
+        An OPS_DATA frame is returned as an OPS frame (the same op lists, their data
+        fields memoryviews of the received payload: dtake.protocol.opwire)."""
         mtype, payload = self._recv_payload(timeout)
+        if mtype == MsgType.OPS_DATA:
+            from dtake.protocol.opwire import decode_ops
+
+            try:
+                return MsgType.OPS, decode_ops(payload)
+            except ProtocolError as exc:
+                self._break_recv(str(exc))
+                raise
         try:
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises several unrelated types

@@ -329,9 +329,16 @@ class SourceQueue:
     def _append(self, item: Item) -> bool:
         return self._store(item)
 
-    def put_lazy(self, kind: str, path: str, *, mode: str = "realtime", **meta: Any) -> bool:
+    def put_lazy(
+        self, kind: str, path: str, *, mode: str = "realtime", ino: int | None = None, **meta: Any
+    ) -> bool:
+        """Queue a lazy item; ``ino``: the path's inode if the caller has just seen it
+        (a mirror walk), else it is looked up here (only with a journal)."""
+        if self.journal is None:
+            ino = 0
+        elif ino is None:
+            ino = _ino(path)
         with self.cond:
-            ino = _ino(path) if self.journal is not None else 0
             old = self._pending.get((kind, path))
             if old is not None and not old.cancelled and old.ino == ino:
                 # Dedup: the queued item will read the latest state anyway. A stronger

@@ -30,6 +30,7 @@ from dtake.errors import DtakeError, E
 from dtake.ops import Op, OpKind
 from dtake.rules import RuleSet
 from dtake.service import datastate
+from dtake.service.apply import TEMP_MARK, is_temp_name
 from dtake.service.datastate import DataEvent
 from dtake.service.queue import Item, LazyKind, SourceQueue
 from dtake.service.transmit import TransmitControl
@@ -43,7 +44,8 @@ log = logging.getLogger("dtake.source")
 
 BLOCK = 64 * 1024  # checksum block (DESIGN: 64 KiB, xxh3_64)
 CHUNK = 1024 * 1024  # data per WRITE op
-BATCH_BYTES = 1024 * 1024
+SMALL_FILE = 256 * 1024  # up to this, a file goes as one op (FILE_END tagged "whole")
+BATCH_BYTES = 4 * 1024 * 1024
 BATCH_OPS = 512
 WINDOW_BYTES = 64 * 1024 * 1024  # unacknowledged bytes in flight
 BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
@@ -93,6 +95,10 @@ class Connection:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._ack_cond = threading.Condition(self._lock)
+        # Held while a batch is taken and sent, so batches reach the socket in sequence
+        # order whichever thread flushes (the worker, or a mirror sending a request).
+        self._send_lock = threading.RLock()
+        self._connected = threading.Event()  # set while a session is open
         self._fs: Any = None  # FrameSocket while connected
         self._reader: threading.Thread | None = None
         self._worker = threading.Thread(target=self._run, name=f"conn-{rec.id}", daemon=True)
@@ -250,6 +256,8 @@ class Connection:
             except OSError:
                 continue
             for e in entries:
+                if TEMP_MARK in e.name and is_temp_name(e.name):
+                    continue  # a target's transfer in progress (chained topology)
                 try:
                     st = e.stat(follow_symlinks=False)
                 except OSError:
@@ -377,33 +385,44 @@ class Connection:
 
     def _wait_connected(self, cancel: threading.Event) -> bool:
         while not cancel.is_set() and not self._stop.is_set():
-            if self._fs is not None:
+            if self._connected.wait(0.5) and self._fs is not None:
                 return True
-            time.sleep(0.05)
         return False
 
     def _mirror_walk(self, mode: str, cancel: threading.Event) -> None:
         target: dict[str, tuple[str, int, int]] = {}
+        walk: Iterator[tuple[str, os.stat_result]] = self._walk(self.base)
         if mode in ("differences", "newer", "checksum") or self.rec.orphans != "off":
             if not self._wait_connected(cancel):
                 return
-            for ent in self.request_scan():
-                target[ent["path"]] = (ent["kind"], ent["size"], ent["mtime_ns"])
+            # The target scans while this side walks (two machines, or two cores):
+            # the source's entries are collected, then compared once the scan is in.
+            pending = self._request_start("scan", rel="", rows=True)
+            mine = list(walk)
+            walk = iter(mine)
+            for chunk in self._request_wait(*pending):
+                for row in chunk.get("rows") or ():
+                    target[row[0]] = (row[1], row[2], row[3])
+                for ent in chunk.get("entries") or ():  # a peer answering in dicts
+                    target[ent["path"]] = (ent["kind"], ent["size"], ent["mtime_ns"])
         seen: set[str] = set()
         total = 0
         if not cancel.is_set():
             self.queue.put_lazy(LazyKind.MKDIR, self.base, mode="full")
-        for path, st in self._walk(self.base):
-            while self._mirror_pause.is_set() and not cancel.is_set():
-                time.sleep(0.05)
-            if cancel.is_set() or self._stop.is_set():
+        stopped = self._stop
+        for path, st in walk:
+            if self._mirror_pause.is_set():
+                while self._mirror_pause.is_set() and not cancel.is_set():
+                    time.sleep(0.05)
+            if cancel.is_set() or stopped.is_set():
                 return
             r = self.rel(path)
             if r is None:
                 continue
             seen.add(r)
             t = target.get(r)
-            kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "f"
+            fmt = stat.S_IFMT(st.st_mode)
+            kind = "d" if fmt == stat.S_IFDIR else "l" if fmt == stat.S_IFLNK else "f"
             if mode == "full" or t is None or t[0] != kind:
                 send = True
             elif kind == "f" and mode == "differences":
@@ -425,11 +444,16 @@ class Connection:
             self.mirror_total = total
             # Flow control: the walk never fills the queue (it would exhaust it and
             # loop through auto-disconnect); it waits for the sender instead.
-            self.queue.wait_room(lambda: cancel.is_set() or self._stop.is_set())
+            self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
             ok = self.queue.put_lazy(
-                {"f": LazyKind.CONTENT, "d": LazyKind.MKDIR, "l": LazyKind.SYMLINK}[kind],
+                LazyKind.CONTENT
+                if kind == "f"
+                else LazyKind.MKDIR
+                if kind == "d"
+                else LazyKind.SYMLINK,
                 path,
                 mode=mode if kind == "f" else "full",
+                ino=st.st_ino,
             )
             if not ok:
                 raise _Gap()
@@ -449,6 +473,10 @@ class Connection:
     # ------------------------------------------------------------------ requests
     def _request(self, op: str, **args: Any) -> list[Any]:
         """Send a request frame and collect its response chunks (answered in stream order)."""
+        return self._request_wait(*self._request_start(op, **args))
+
+    def _request_start(self, op: str, **args: Any) -> tuple[int, Any]:
+        """Send a request (after the ops queued before it); ``_request_wait`` collects."""
         from dtake.protocol.framing import MsgType
 
         fs = self._fs
@@ -458,8 +486,12 @@ class Connection:
             self._req_id += 1
             rid = self._req_id
             self._resp[rid] = []
-        self._flush_batch()
-        fs.send_obj(MsgType.REQUEST, {"id": rid, "op": op, **args})
+        with self._send_lock:
+            self._flush_batch()
+            fs.send_obj(MsgType.REQUEST, {"id": rid, "op": op, **args})
+        return rid, fs
+
+    def _request_wait(self, rid: int, fs: Any) -> list[Any]:
         deadline = time.monotonic() + 300
         with self._ack_cond:
             while True:
@@ -591,6 +623,7 @@ class Connection:
             if self._inflight and target_last < self._inflight[0][0] - 1:
                 gap = True
             self._fs = fs
+            self._connected.set()
             self.connected_since = time.time()
             self.last_error = None
             self.acked_seq = max(self.acked_seq, target_last)
@@ -605,11 +638,13 @@ class Connection:
         self.svc.events.emit(73, target=self.label)
         self.svc.events.emit(4016, target=self.label, repset=self.rec.repset, con_id=self.rec.id)
         if resend and not gap:
+            from dtake.protocol.opwire import encode_ops
+
             self.stats["resent_ops"] += len(resend)
             for i in range(0, len(resend), BATCH_OPS):
-                fs.send_obj(
-                    MsgType.OPS,
-                    [op.to_wire() for _, op in resend[i : i + BATCH_OPS]],
+                fs.send_parts(
+                    MsgType.OPS_DATA,
+                    encode_ops(op for _, op in resend[i : i + BATCH_OPS]),
                     compress=self._codec,
                 )
         if gap or self._needs_resync:
@@ -637,6 +672,7 @@ class Connection:
     def _close_socket(self) -> None:
         with self._ack_cond:
             fs, self._fs = self._fs, None
+            self._connected.clear()
             self.connected_since = None
             self._batch.clear()
             self._batch_bytes = 0
@@ -762,9 +798,9 @@ class Connection:
             if st.st_nlink > 1:
                 self._warn_hardlink(path)
                 return
-            self._send_file(path, r, item.mode)
+            self._send_file(path, r, item.mode, st)
 
-    def _send_file(self, path: str, r: str, mode: str) -> None:
+    def _send_file(self, path: str, r: str, mode: str, lst: os.stat_result) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -774,10 +810,18 @@ class Connection:
                     self.stats["mirror_failures"] += 1
             return
         try:
-            st = os.fstat(fd)
             mirror = mode != "realtime"
             if not mirror:
                 self.stats["replication_ops"] += 1
+            if (
+                mode != "checksum"
+                and lst.st_size <= SMALL_FILE
+                and lst.st_blocks * 512 >= lst.st_size  # not sparse (holes stay holes)
+                and self._send_small(fd, lst, r, path, mirror)
+            ):
+                self.stats["files_sent"] += 1
+                return
+            st = os.fstat(fd)
             blockwise = False
             old: list[int] | None = None
             if mode == "checksum" or (mode == "realtime" and st.st_size >= BIG_FILE):
@@ -825,12 +869,31 @@ class Connection:
                 yield start, end - start
             pos = end
 
+    def _send_small(self, fd: int, lst: os.stat_result, r: str, path: str, mirror: bool) -> bool:
+        """A small file as one op: data, size and attributes (FILE_END tagged ``whole``).
+        False when the file is not the one ``lst`` described or changed meanwhile (the
+        general path then sends it)."""
+        data = os.pread(fd, lst.st_size + 1, 0) if lst.st_size else b""
+        st = os.fstat(fd)
+        if st.st_ino != lst.st_ino or st.st_size != len(data) or not stat.S_ISREG(st.st_mode):
+            return False
+        op = _attr_op(OpKind.FILE_END, r, st, size=st.st_size)
+        op.data = data
+        op.tags["whole"] = 1
+        self._emit(op)
+        if mirror:
+            self.mirror_sent += len(data)
+            self.stats["mirror_bytes_sent"] += len(data)
+        if path in self._sigs:
+            self._remember_sig(path, st.st_size, None)
+        return True
+
     def _send_whole(self, fd: int, st: os.stat_result, r: str, path: str, mirror: bool) -> None:
         size = st.st_size
         track = size >= BIG_FILE
         hashes: list[int] | None = [] if track else None
         self._emit(Op(OpKind.FILE_BEGIN, r))
-        hpos = 0
+        hpos = 0  # the signature is computed from the chunks as they are read
         for off, length in self._data_extents(fd, size):
             end = off + length
             while off < end:
@@ -838,6 +901,14 @@ class Connection:
                 data = os.pread(fd, n, off)
                 if not data:
                     break
+                if hashes is not None and off == hpos:
+                    mv = memoryview(data)
+                    full = len(data) - len(data) % BLOCK
+                    if off + len(data) >= size:
+                        full = len(data)  # the last block may be short
+                    for i in range(0, full, BLOCK):
+                        hashes.append(xxhash.xxh3_64_intdigest(mv[i : i + BLOCK]))
+                    hpos += full
                 self._emit(Op(OpKind.WRITE, r, offset=off, data=data))
                 if mirror:
                     self.mirror_sent += len(data)
@@ -859,7 +930,23 @@ class Connection:
         hashes: list[int] = []
         pos = 0
         i = 0
+        data_start = data_end = 0  # the source's current data extent (holes are skipped)
         while pos < size:
+            if pos >= data_end:
+                data_start, data_end = _next_extent(fd, pos, size)
+            n = min(BLOCK, size - pos)
+            if pos + n <= data_start:
+                # Entirely in a hole: not read, and not sent where the target has no
+                # data (beyond its end) or zeros already; SETSIZE keeps the hole.
+                h = _ZERO_BLOCK_HASH if n == BLOCK else xxhash.xxh3_64_intdigest(bytes(n))
+                hashes.append(h)
+                if i >= len(old) or (old[i] == h and n == BLOCK):
+                    self.stats["blocks_skipped"] += 1
+                else:
+                    self._emit(Op(OpKind.WRITE, r, offset=pos, data=bytes(n)))
+                pos += n
+                i += 1
+                continue
             data = os.pread(fd, BLOCK, pos)
             if not data:
                 break
@@ -896,10 +983,11 @@ class Connection:
                 op.tags["qo"] = self._item_order
                 self.queue.note_sent(self._item_order, op.seq)
             self._item_order = 0
+            cost = op.wire_size()
             self._inflight.append((op.seq, op))
-            self._inflight_bytes += op.wire_size()
+            self._inflight_bytes += cost
             self._batch.append(op)
-            self._batch_bytes += op.wire_size()
+            self._batch_bytes += cost
         self.stats["ops_sent"] += 1
         self.stats["bytes_sent"] += len(op.data)
         if op.path or op.kind != OpKind.BARRIER:
@@ -909,14 +997,16 @@ class Connection:
 
     def _flush_batch(self) -> None:
         from dtake.protocol.framing import MsgType
+        from dtake.protocol.opwire import encode_ops
 
-        with self._lock:
-            batch, self._batch = self._batch, []
-            self._batch_bytes = 0
-            fs = self._fs
-        if batch and fs is not None:
-            wire = fs.send_obj(MsgType.OPS, [op.to_wire() for op in batch], compress=self._codec)
-            self.tx.after_send(fs, wire)  # byte counters, bandwidth limit
+        with self._send_lock:
+            with self._lock:
+                batch, self._batch = self._batch, []
+                self._batch_bytes = 0
+                fs = self._fs
+            if batch and fs is not None:
+                wire = fs.send_parts(MsgType.OPS_DATA, encode_ops(batch), compress=self._codec)
+                self.tx.after_send(fs, wire)  # byte counters, bandwidth limit
 
     # ------------------------------------------------------------------ status
     def idle(self) -> bool:
@@ -987,6 +1077,21 @@ class Connection:
                 "stats": dict(self.stats),
             }
         )
+
+
+_ZERO_BLOCK_HASH = xxhash.xxh3_64_intdigest(bytes(BLOCK))
+
+
+def _next_extent(fd: int, pos: int, size: int) -> tuple[int, int]:
+    """(start, end) of the first data extent at or after ``pos``; (size, size) if none.
+    Without SEEK_DATA support everything is data."""
+    try:
+        start = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return size, size
+        return pos, size
+    return start, max(start + 1, min(os.lseek(fd, start, os.SEEK_HOLE), size))
 
 
 def _attr_op(kind: OpKind, rel: str, st: os.stat_result, **kw: Any) -> Op:

@@ -29,6 +29,11 @@ __all__ = ["TargetServer", "TargetState"]
 log = logging.getLogger("dtake.target")
 
 SCAN_CHUNK = 2000
+# Cumulative acknowledgements: while more frames wait in the target queue, one ACK per
+# this many ops / bytes / seconds (always one as soon as the queue is drained).
+ACK_EVERY_OPS = 2048
+ACK_EVERY_BYTES = 16 * 1024 * 1024
+ACK_EVERY_S = 0.05
 # An apply failing with one of these is retried (at most APPLY_RETRIES times) before
 # the op is dropped: the call changed nothing, and the condition is transient.
 _TRANSIENT = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.ETXTBSY})
@@ -95,6 +100,10 @@ class TargetServer:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._last_save = 0.0
+        # Applied positions are persisted by a saver thread (at most twice a second),
+        # never by the applier: an fsync must not stall the apply path.
+        self._save_wanted = threading.Event()
+        self._saver: threading.Thread | None = None
         # Feature objects notified of target events (dtake.service.replica): each may
         # define target_opened(st, req), target_barrier(st, op), target_failed(st, op).
         self.observers: list[Any] = []
@@ -198,6 +207,8 @@ class TargetServer:
             for st in ended:
                 st.connected = False
                 st.session = None
+                if st.tree is not None:
+                    st.tree.release_dirs()
             if ended:
                 self.save()
             fs.close()
@@ -229,16 +240,23 @@ class TargetServer:
         )
         tree = state.tree
         assert tree is not None
+        from dtake.protocol.opwire import op_from_wire
         from dtake.service.targetqueue import ack_fields, frame_source
 
         frames = frame_source(self.svc, state, fs)  # the target queue
+
+        def waiting() -> bool:  # frames received, not yet applied (in the target queue)
+            return bool(getattr(frames, "frames", None))
+
+        failed: list[dict[str, Any]] = []
+        unacked_ops = unacked_bytes = 0
+        last_ack = time.monotonic()
         while True:
             mtype, obj = frames.recv_obj(timeout=None)
             if mtype == MsgType.OPS:
-                failed: list[dict[str, Any]] = []
                 with state.lock:
                     for item in obj:
-                        op = Op.from_wire(item)
+                        op = op_from_wire(item)
                         if op.seq <= state.last_seq:
                             continue  # already applied (resent after a reconnect)
                         if op.tags.get("qo"):
@@ -263,10 +281,36 @@ class TargetServer:
                         state.last_seq = op.seq
                         state.ops_applied += 1
                         state.bytes_applied += len(op.data)
+                        unacked_ops += 1
+                        unacked_bytes += len(op.data)
                     seq = state.last_seq
+                now = time.monotonic()
+                more = waiting()
+                if (
+                    more
+                    and not failed
+                    and unacked_ops < ACK_EVERY_OPS
+                    and unacked_bytes < ACK_EVERY_BYTES
+                    and now - last_ack < ACK_EVERY_S
+                ):
+                    continue  # more frames are queued: one cumulative ACK later
+                if not more:
+                    tree.release_dirs()  # idle: no directory fd outlives a burst
                 self._persist_position(state)
                 fs.send_obj(MsgType.ACK, {"seq": seq, "failed": failed, **ack_fields(frames)})
+                failed = []
+                unacked_ops = unacked_bytes = 0
+                last_ack = now
             elif mtype == MsgType.REQUEST:
+                if unacked_ops:
+                    # What came before the request is acknowledged before its answer.
+                    self._persist_position(state)
+                    fs.send_obj(
+                        MsgType.ACK, {"seq": state.last_seq, "failed": [], **ack_fields(frames)}
+                    )
+                    unacked_ops = unacked_bytes = 0
+                    last_ack = time.monotonic()
+                tree.release_dirs()  # a request may change the tree (orphans) behind the cache
                 self._answer(fs, tree, obj, state)
             elif mtype == MsgType.PING:
                 fs.send_obj(MsgType.PONG, {})
@@ -334,14 +378,30 @@ class TargetServer:
                     log.exception("target hook %s failed", hook)
 
     def _persist_position(self, state: TargetState) -> None:
-        # Persisted lazily (at most twice a second, and when the session ends). After a
-        # target crash the reloaded position may be behind what was acknowledged; the
-        # source then sees target_last < acked and runs a difference mirror instead of
-        # trusting a position that could be wrong.
-        now = time.monotonic()
-        if now - self._last_save > 0.5:
-            self._last_save = now
-            self.save()
+        # Persisted lazily (at most twice a second, and when the session ends), by the
+        # saver thread. After a target crash the reloaded position may be behind what
+        # was acknowledged; the source then sees target_last < acked and runs a
+        # difference mirror instead of trusting a position that could be wrong.
+        self._save_wanted.set()
+        if self._saver is None:
+            with self._lock:
+                if self._saver is None:
+                    self._saver = threading.Thread(
+                        target=self._save_loop, name="target-saver", daemon=True
+                    )
+                    self._saver.start()
+
+    def _save_loop(self) -> None:
+        while not self._stop.is_set():
+            self._save_wanted.wait(1.0)
+            if not self._save_wanted.is_set():
+                continue
+            self._save_wanted.clear()
+            try:
+                self.save()
+            except Exception:
+                log.exception("saving target positions failed")
+            self._stop.wait(0.5)
 
     def _answer(
         self, fs: Any, tree: TargetTree, req: dict[str, Any], state: TargetState | None = None
@@ -351,7 +411,14 @@ class TargetServer:
         rid = req.get("id")
         op = req.get("op")
         try:
-            if op == "scan":
+            if op == "scan" and req.get("rows"):
+                # Compact rows [path, kind, size, mtime_ns, mode, uid, gid, link] (the
+                # mirror's comparison), sent as the scan goes.
+                rows: list[list[Any]] = []
+                for rows in tree.scan_rows(str(req.get("rel", "")), SCAN_CHUNK):
+                    fs.send_obj(MsgType.RESPONSE, {"id": rid, "rows": rows, "more": True})
+                fs.send_obj(MsgType.RESPONSE, {"id": rid, "rows": [], "more": False})
+            elif op == "scan":
                 batch: list[dict[str, Any]] = []
                 for e in tree.scan(str(req.get("rel", ""))):
                     batch.append(

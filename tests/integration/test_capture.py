@@ -205,6 +205,26 @@ def test_dir_rename_then_write_beneath_new_name(cap: InotifyCapture, root: Path)
     assert not [e for e in events if "/d/" in e.path]
 
 
+def test_dir_created_and_renamed_before_read_is_watched(cap: InotifyCapture, root: Path) -> None:
+    """mkdir -p a/b/c, write, rename a -> A, all before the capture reads: watching ``a``
+    fails (gone), so the rename must watch ``A`` and everything below it; later changes
+    under the new name are reported (they were lost: a flaky replication test)."""
+    os.makedirs(root / "a" / "b" / "c")
+    write(root / "a" / "b" / "c" / "deep")
+    os.rename(root / "a", root / "A")
+    events = settle(cap, root)
+    assert FsEvent(K.MOVED, str(root / "a"), True, str(root / "A")) in events
+    assert str(root / "A" / "b" / "c" / "deep") in {e.path for e in events}
+    write(root / "A" / "b" / "after")
+    os.chmod(root / "A" / "b", 0o700)
+    os.utime(root / "A" / "b" / "c" / "deep", ns=(1, 1))
+    later = settle(cap, root)
+    assert FsEvent(K.CREATED, str(root / "A" / "b" / "after")) in later
+    assert FsEvent(K.ATTRIB, str(root / "A" / "b"), True) in later
+    assert FsEvent(K.ATTRIB, str(root / "A" / "b" / "c" / "deep")) in later
+    assert cap.watch_count == 4
+
+
 def test_move_out_and_in(cap: InotifyCapture, root: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()

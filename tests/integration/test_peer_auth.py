@@ -150,7 +150,13 @@ def test_no_key_peer_sends_ops_directly(target: MiniTarget) -> None:
 def test_no_key_peer_forges_proof(target: MiniTarget) -> None:
     with _connect(target.port) as fs:
         fs.send_obj(
-            MsgType.HELLO, {"proto": [1, 1], "node_id": "x", "nonce": b"n" * 32, "info": {}}
+            MsgType.HELLO,
+            {
+                "proto": [PROTOCOL_VERSION, PROTOCOL_VERSION],
+                "node_id": "x",
+                "nonce": b"n" * 32,
+                "info": {},
+            },
         )
         assert fs.recv(WAIT)[0] is MsgType.CHALLENGE
         fs.send_obj(MsgType.AUTH, {"proof": b""})

@@ -542,3 +542,105 @@ def test_split_rel() -> None:
             split_rel(bad)
     with pytest.raises(ConfinementError):
         split_rel(b"a")
+
+
+# -- one-op small files, the directory cache, compact scans -----------------------------------
+
+
+def small(path: str, data: bytes, **attrs: Any) -> Op:
+    """A whole small file in one op, as the source sends it (FILE_END tagged ``whole``)."""
+    return Op(K.FILE_END, path, data=data, size=len(data), tags={"whole": 1}, **attrs)
+
+
+def test_whole_op_writes_file_attrs_and_mtime(root: Path, tree: TargetTree) -> None:
+    tree.apply(small("d/f.txt", b"hello", mode=0o4640, uid=1000, gid=1001, mtime_ns=MTIME))
+    tree.apply(small("d/g", b"", mode=0o666, mtime_ns=MTIME))  # beyond the umask: chmod
+    tree.apply(small("d/h", b"data", uid=os.geteuid(), gid=os.getegid(), mode=0o600))
+    st = os.stat(root / "d/f.txt")
+    assert (root / "d/f.txt").read_bytes() == b"hello"
+    assert stat.S_IMODE(st.st_mode) == 0o4640
+    assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (1000, 1001, MTIME)
+    assert stat.S_IMODE(os.stat(root / "d/g").st_mode) == 0o666
+    assert os.stat(root / "d/g").st_size == 0
+    assert (root / "d/h").read_bytes() == b"data"
+    assert listing(root) == ["d", "d/f.txt", "d/g", "d/h"]  # no temp file left
+
+
+def test_whole_op_in_setgid_dir_gets_source_group(root: Path, tree: TargetTree) -> None:
+    (root / "sg").mkdir()
+    os.chown(root / "sg", -1, 4242)
+    os.chmod(root / "sg", 0o2775)
+    tree.apply(small("sg/f", b"x", uid=os.geteuid(), gid=os.getegid(), mode=0o644))
+    assert os.stat(root / "sg/f").st_gid == os.getegid()
+
+
+def test_whole_op_replaces_dir_symlink_and_transfer(root: Path, tree: TargetTree) -> None:
+    (root / "x/y").mkdir(parents=True)
+    os.symlink("/etc/passwd", root / "l")
+    tree.apply(Op(K.FILE_BEGIN, "p"))
+    tree.apply(small("x", b"now a file"))
+    tree.apply(small("l", b"not followed"))
+    tree.apply(small("p", b"whole wins"))
+    assert (root / "x").read_bytes() == b"now a file"
+    assert not (root / "l").is_symlink() and (root / "l").read_bytes() == b"not followed"
+    assert (root / "p").read_bytes() == b"whole wins"
+    assert tree.transfers_in_progress() == []
+    assert listing(root) == ["l", "p", "x"]
+
+
+def test_whole_op_symlinked_parent_refused(root: Path, tree: TargetTree, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "esc")
+    with pytest.raises(ConfinementError):
+        tree.apply(small("esc/f", b"PWNED"))
+    assert list(outside.iterdir()) == []
+
+
+def test_dir_cache_follows_namespace_ops(root: Path, tree: TargetTree, tmp_path: Path) -> None:
+    """Cached parent fds never send a file into a renamed, deleted or replaced directory."""
+    tree.apply(small("a/b/f1", b"1"))
+    tree.apply(Op(K.RENAME, "a", new_path="z"))
+    tree.apply(small("a/b/f2", b"2"))  # a new a/b, not z/b
+    assert (root / "z/b/f1").read_bytes() == b"1" and not (root / "z/b/f2").exists()
+    assert (root / "a/b/f2").read_bytes() == b"2"
+    tree.apply(Op(K.DELETE, "a"))
+    tree.apply(small("a/b/f3", b"3"))
+    assert listing(root / "a") == ["b", "b/f3"]
+    # A failed op empties the cache too; and the idle release closes every cached fd.
+    tree.apply(small("c/d/f", b"x"))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.rename(root / "c/d", tmp_path / "moved")
+    os.symlink(outside, root / "c/d")
+    tree.release_dirs()
+    with pytest.raises(ConfinementError):
+        tree.apply(small("c/d/g", b"PWNED"))
+    assert list(outside.iterdir()) == []
+
+
+def test_dir_cache_bounded(root: Path, tree: TargetTree) -> None:
+    from dtake.service import apply as apply_mod
+
+    for i in range(apply_mod.DIR_CACHE_MAX + 10):
+        tree.apply(small(f"d{i}/f", b"x"))
+    assert len(tree._dirs) <= apply_mod.DIR_CACHE_MAX
+    tree.release_dirs()
+    assert tree._dirs == {}
+
+
+def test_scan_rows_match_scan(root: Path, tree: TargetTree) -> None:
+    tree.apply(Op(K.MKDIR, "d", mode=0o750, uid=1, gid=2, mtime_ns=MTIME))
+    for i in range(7):
+        tree.apply(small(f"d/e{i % 3}/f{i}", b"x" * i, mode=0o640, uid=3, gid=4, mtime_ns=MTIME))
+    tree.apply(Op(K.SYMLINK, "d/l", link="/nowhere"))
+    tree.apply(Op(K.FILE_BEGIN, "d/pending"))
+    os.mkfifo(root / "fifo")
+    expected = [
+        [e.path, e.kind, e.size, e.mtime_ns, e.mode, e.uid, e.gid, e.link] for e in tree.scan()
+    ]
+    chunks = list(tree.scan_rows("", chunk=4))
+    assert all(0 < len(c) <= 4 for c in chunks)
+    assert [row for c in chunks for row in c] == expected
+    assert [r[0] for c in tree.scan_rows("d/e1") for r in c] == [e.path for e in tree.scan("d/e1")]
+    assert list(tree.scan_rows("missing")) == [] and list(tree.scan_rows("d/e0/f0")) == []

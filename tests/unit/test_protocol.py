@@ -489,7 +489,9 @@ def test_client_checks_server_proof(pair: tuple[FrameSocket, FrameSocket]) -> No
 
     def impostor() -> None:
         fake.recv(WAIT)
-        fake.send_obj(MsgType.CHALLENGE, {"proto": 1, "node_id": "evil", "nonce": b"n" * 32})
+        fake.send_obj(
+            MsgType.CHALLENGE, {"proto": PROTOCOL_VERSION, "node_id": "evil", "nonce": b"n" * 32}
+        )
         fake.recv(WAIT)
         info = msgpack.packb({}, use_bin_type=True)
         fake.send_obj(MsgType.AUTH_OK, {"proof": b"\x00" * 32, "info": info})
@@ -547,7 +549,13 @@ def test_ops_instead_of_auth_refused(pair: tuple[FrameSocket, FrameSocket]) -> N
     client_fs, server_fs = pair
     server = Runner(lambda: server_handshake(server_fs, KEY, node_id="tgt"))
     client_fs.send_obj(
-        MsgType.HELLO, {"proto": [1, 1], "node_id": "x", "nonce": b"n" * 32, "info": {}}
+        MsgType.HELLO,
+        {
+            "proto": [PROTOCOL_VERSION, PROTOCOL_VERSION],
+            "node_id": "x",
+            "nonce": b"n" * 32,
+            "info": {},
+        },
     )
     assert client_fs.recv(WAIT)[0] is MsgType.CHALLENGE
     client_fs.send_obj(MsgType.OPS, [])
@@ -568,7 +576,13 @@ def test_version_range_mismatch_reports_157(pair: tuple[FrameSocket, FrameSocket
     client_fs, server_fs = pair
     server = Runner(lambda: server_handshake(server_fs, KEY, node_id="tgt"))
     client_fs.send_obj(
-        MsgType.HELLO, {"proto": [2, 3], "node_id": "new", "nonce": b"n" * 32, "info": {}}
+        MsgType.HELLO,
+        {
+            "proto": [PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2],
+            "node_id": "new",
+            "nonce": b"n" * 32,
+            "info": {},
+        },
     )
     mtype, obj = client_fs.recv_obj(WAIT)
     assert mtype is MsgType.ERROR
@@ -578,26 +592,27 @@ def test_version_range_mismatch_reports_157(pair: tuple[FrameSocket, FrameSocket
 
 
 def test_header_version_mismatch_reports_157() -> None:
-    """A future peer (header version 2) gets an ERROR -157 it can still parse (magic+version)."""
+    """A future peer (next header version) gets an ERROR -157 it can still parse."""
     a, b = socket.socketpair()
-    future = FrameSocket(a, stall_timeout=WAIT, version=2)
+    nxt = PROTOCOL_VERSION + 1
+    future = FrameSocket(a, stall_timeout=WAIT, version=nxt)
     server_fs = FrameSocket(b, stall_timeout=WAIT)
     server = Runner(lambda: server_handshake(server_fs, KEY, node_id="tgt"))
-    future.send_obj(MsgType.HELLO, {"proto": [2, 2], "node_id": "new", "nonce": b"n" * 32})
-    # The future peer reads our v1 frame by hand: magic, version, then the v1 layout.
+    future.send_obj(MsgType.HELLO, {"proto": [nxt, nxt], "node_id": "new", "nonce": b"n" * 32})
+    # The future peer reads our frame by hand: magic, version, then our layout.
     raw = b""
     while len(raw) < HEADER.size:
         chunk = a.recv(HEADER.size - len(raw))
         assert chunk
         raw += chunk
     magic, version, mtype, _, _, wire_len, _ = HEADER.unpack(raw)
-    assert (magic, version, mtype) == (MAGIC, 1, MsgType.ERROR)
+    assert (magic, version, mtype) == (MAGIC, PROTOCOL_VERSION, MsgType.ERROR)
     body = b""
     while len(body) < wire_len:
         body += a.recv(wire_len - len(body))
     assert msgpack.unpackb(body)["code"] == -157
     err = server.join().error
-    assert isinstance(err, VersionError) and err.peer_version == 2
+    assert isinstance(err, VersionError) and err.peer_version == nxt
     future.close()
 
 
@@ -630,3 +645,76 @@ def test_raw_header_struct_is_stable() -> None:
         ">2sBBBBII", b"DT", 1, 7, 2, 0, 3, 4
     )
     assert [m.value for m in MsgType][:11] == list(range(1, 12))
+
+
+# -- OPS_DATA frames (protocol version 2) -----------------------------------------------------
+
+
+def test_ops_data_frame_round_trip_without_copies(
+    authed_pair: tuple[FrameSocket, FrameSocket],
+) -> None:
+    from dtake.protocol.opwire import encode_ops, op_from_wire
+
+    a, b = authed_pair
+    big = os.urandom(300_000)
+    ops = [
+        Op(OpKind.FILE_BEGIN, "d/f", seq=1),
+        Op(OpKind.WRITE, "d/f", seq=2, offset=0, data=big),
+        Op(OpKind.WRITE, "d/f", seq=3, offset=len(big), data=b""),
+        Op(OpKind.FILE_END, "d/f", seq=4, size=len(big), mode=0o640, tags={"qo": 7}),
+        Op(OpKind.FILE_END, "s", seq=5, data=b"small", size=5, tags={"whole": 1}),
+        Op(OpKind.RENAME, "d/f", seq=6, new_path="d/g"),
+    ]
+    sender = Runner(lambda: a.send_parts(MsgType.OPS_DATA, encode_ops(ops)))
+    mtype, obj = b.recv_obj(WAIT)
+    assert sender.join().error is None
+    assert mtype is MsgType.OPS  # the receiver sees the same op lists as version 1
+    got = [op_from_wire(item) for item in obj]
+    assert isinstance(obj[1][5], memoryview)
+    assert [(o.kind, o.path, o.seq, bytes(o.data), o.size, o.tags) for o in got] == [
+        (o.kind, o.path, o.seq, o.data, o.size, o.tags) for o in ops
+    ]
+    assert b.stats().bytes_received_raw == a.stats().bytes_sent_raw
+
+
+def test_ops_data_frame_compressed(authed_pair: tuple[FrameSocket, FrameSocket]) -> None:
+    from dtake.protocol.opwire import encode_ops, op_from_wire
+
+    a, b = authed_pair
+    ops = [Op(OpKind.WRITE, "f", seq=1, data=b"z" * 100_000)]
+    wire = a.send_parts(MsgType.OPS_DATA, encode_ops(ops), compress=get_codec("zlib", 1))
+    assert wire < 10_000
+    mtype, obj = b.recv_obj(WAIT)
+    assert mtype is MsgType.OPS and bytes(op_from_wire(obj[0]).data) == b"z" * 100_000
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",  # no header length
+        b"\x00\x00\x00\x10" + b"\x90",  # header longer than the frame
+        b"\x00\x00\x00\x01" + b"\xc1",  # undecodable header
+        b"\x00\x00\x00\x01" + b"\x80",  # not a list
+        b"\x00\x00\x00\x02" + b"\x91\x01",  # an op that is not a 13-field list
+    ],
+)
+def test_ops_data_malformed_is_protocol_error(
+    authed_pair: tuple[FrameSocket, FrameSocket], payload: bytes
+) -> None:
+    a, b = authed_pair
+    a.send(MsgType.OPS_DATA, payload)
+    with pytest.raises(ProtocolError) as ei:
+        b.recv_obj(WAIT)
+    assert ei.value.reason == "BAD_PAYLOAD"
+
+
+def test_ops_data_lengths_must_cover_the_trailer(
+    authed_pair: tuple[FrameSocket, FrameSocket],
+) -> None:
+    from dtake.protocol.opwire import encode_ops
+
+    a, b = authed_pair
+    parts = encode_ops([Op(OpKind.WRITE, "f", seq=1, data=b"abc")])
+    a.send(MsgType.OPS_DATA, bytes(parts[0]) + b"abcEXTRA")  # trailing bytes
+    with pytest.raises(ProtocolError):
+        b.recv_obj(WAIT)

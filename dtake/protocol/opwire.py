@@ -1,0 +1,101 @@
+"""OPS frames with their data as a raw trailer (protocol version 2).
+
+A version-1 OPS payload is one msgpack list of ``Op.to_wire()`` lists, so every data
+byte was copied into the msgpack buffer on the source and out of it on the target. An
+OPS_DATA frame carries the same lists with the data field replaced by its *length*,
+followed by the data of every op, back to back::
+
+    u32 header length (big-endian) | msgpack header | data of op 1 | data of op 2 | ...
+
+The source hands the pieces to ``sendmsg`` as they are (no join), and the target keeps
+each op's data as a ``memoryview`` of the received frame (no copy before ``pwrite``).
+``decode_ops`` returns exactly what a version-1 OPS frame decodes to (13-field lists),
+except that the data fields are memoryviews.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any, cast
+
+import msgpack
+
+from dtake.ops import Op
+from dtake.protocol.errors import ProtocolError
+
+__all__ = ["decode_ops", "encode_ops", "op_from_wire"]
+
+_HLEN = struct.Struct(">I")
+_FIELDS = 13
+_DATA = 5  # index of the data field in Op.to_wire()
+
+
+def encode_ops(ops: Iterable[Op]) -> list[bytes | memoryview]:
+    """The payload of an OPS_DATA frame as a list of pieces (header first)."""
+    header: list[list[Any]] = []
+    datas: list[bytes | memoryview] = []
+    for op in ops:
+        data = op.data
+        header.append(
+            [
+                int(op.kind),
+                op.path,
+                op.seq,
+                op.new_path,
+                op.offset,
+                len(data),
+                op.size,
+                op.mode,
+                op.uid,
+                op.gid,
+                op.mtime_ns,
+                op.link,
+                op.tags or None,
+            ]
+        )
+        if data:
+            datas.append(data)
+    packed = msgpack.packb(header, use_bin_type=True)
+    return [_HLEN.pack(len(packed)) + packed, *datas]
+
+
+def decode_ops(payload: bytes | bytearray) -> list[list[Any]]:
+    """Inverse of ``encode_ops``: 13-field op lists whose data fields are memoryviews of
+    ``payload``; a malformed payload is a ProtocolError (BAD_PAYLOAD)."""
+    view = memoryview(payload)
+    if len(view) < _HLEN.size:
+        raise ProtocolError("OPS_DATA frame without a header", reason="BAD_PAYLOAD")
+    (hlen,) = _HLEN.unpack_from(view)
+    pos = _HLEN.size + hlen
+    if pos > len(view):
+        raise ProtocolError("OPS_DATA header longer than the frame", reason="BAD_PAYLOAD")
+    try:
+        items = msgpack.unpackb(view[_HLEN.size : pos], raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable OPS_DATA header: {exc}", reason="BAD_PAYLOAD") from exc
+    if not isinstance(items, list):
+        raise ProtocolError("OPS_DATA header is not a list", reason="BAD_PAYLOAD")
+    for item in items:
+        if not isinstance(item, list) or len(item) != _FIELDS:
+            raise ProtocolError("malformed op in OPS_DATA frame", reason="BAD_PAYLOAD")
+        n = item[_DATA]
+        if not isinstance(n, int) or n < 0 or pos + n > len(view):
+            raise ProtocolError("op data beyond the end of the frame", reason="BAD_PAYLOAD")
+        item[_DATA] = view[pos : pos + n]
+        pos += n
+    if pos != len(view):
+        raise ProtocolError("trailing bytes after the op data", reason="BAD_PAYLOAD")
+    return cast(list[list[Any]], items)
+
+
+def op_from_wire(item: list[Any]) -> Op:
+    """``Op.from_wire`` without copying the data (a memoryview stays a memoryview)."""
+    if not isinstance(item, list) or len(item) != _FIELDS:
+        raise ValueError("malformed op")
+    data = item[_DATA]
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError("op data is not bytes")
+    op = Op.from_wire([*item[:_DATA], b"", *item[_DATA + 1 :]])
+    op.data = cast(bytes, data)
+    return op
