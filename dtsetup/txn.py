@@ -98,6 +98,9 @@ class Transaction:
                 os.symlink(target, path)
 
             self.on_undo(f"restore link {path}", restore_link)
+        elif path.exists() and not path.is_file():
+            # A socket or FIFO a program left behind: there is no content to restore.
+            return
         elif path.exists():
             old = path.read_bytes()
             old_mode = stat.S_IMODE(path.stat().st_mode)

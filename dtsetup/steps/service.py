@@ -183,9 +183,11 @@ class ServiceStep:
                 txn.on_undo(f"systemctl {undo[action]}", self._undoer(ctx, undo[action]))
             return
         for action in actions:  # supervisor
-            # The supervisor creates its log: a rollback removes it again (LIFO: after
-            # the supervisor is stopped), so the log folder can go too.
+            # The supervisor creates its log, the service its control socket: a rollback
+            # removes them again (LIFO: after the supervisor is stopped), so their
+            # folders can go too. systemd's RuntimeDirectory= does this for the unit.
             txn.expect_file(ctx.host(paths.SUPERVISOR_LOG))
+            txn.expect_file(ctx.host(paths.CONTROL_SOCKET))
             ctx.runner.run(self.supervisor_argv(ctx, action), check=True)
             back = "stop" if action == "start" else "restart"
             txn.on_undo(f"supervisor {back}", self._supervisor_undoer(ctx, back))
@@ -206,5 +208,7 @@ class ServiceStep:
         if ctx.init == "systemd-offline" and ctx.settings.service_startup:
             files.append(paths.SYSTEMD_WANTS)
         if ctx.init == "supervisor":
-            files.append(paths.SUPERVISOR_LOG)
+            # Left by the supervisor and by the service (which does not unlink its control
+            # socket on exit): uninstall removes them, as systemd's RuntimeDirectory= would.
+            files += [paths.SUPERVISOR_LOG, paths.CONTROL_SOCKET]
         return {"init": ctx.init, "files": files}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import stat
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 CODE = "ABCDEFGHJKLMNPQRSTUVWXY3"
+REPO = Path(__file__).resolve().parents[3]
 
 FAKE_SERVICE = """\
 import os, re, signal, socket, sys
@@ -67,6 +70,21 @@ def build_fake_wheel(directory: Path, version: str = "0.0.1") -> Path:
 def fake_wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     house = tmp_path_factory.mktemp("wheelhouse")
     build_fake_wheel(house)
+    return house
+
+
+@pytest.fixture(scope="session")
+def repo_wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pip wheel`` of this repository and its dependencies (the real software), once per
+    session, for the ``slow`` tests."""
+    house = tmp_path_factory.mktemp("repo-wheelhouse")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(house), str(REPO)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
     return house
 
 

@@ -27,6 +27,7 @@ import pytest
 from tests.integration.dtsetup.nsbox import NsBox, leftovers, real_entry
 
 DTSETUP = str(Path(sys.executable).parent / "dtsetup")
+REPO = Path(__file__).resolve().parents[3]
 HOSTNAME = "dtnode"
 PORT = 6391  # in the box's own network namespace: cannot clash with this machine's ports
 
@@ -89,14 +90,13 @@ def box(tmp_path: Path) -> Iterator[NsBox]:
         b.stop()
 
 
-@pytest.fixture
-def media(tmp_path: Path, fake_wheelhouse: Path, code: str) -> Path:
+def make_media(directory: Path, wheelhouse: Path, code: str) -> Path:
     """The seed's setup directory: DTSetup.ini with the install files (a wheelhouse)
     beside it [L684]. [Config] differs from [dtnode] so the machine section is seen to
     win by the box's real host name (no --host)."""
-    d = tmp_path / "media"
+    d = directory / "media"
     d.mkdir()
-    (d / "wheelhouse").symlink_to(fake_wheelhouse)
+    (d / "wheelhouse").symlink_to(wheelhouse)
     common = (
         f"DTSETUPTYPE=DTNT\nDTACTIVATIONCODE={code}\nDOUBLETAKEFOLDER=/opt/dtake\n"
         "QMEMORYBUFFERMAX=128\nDISKQUEUEFOLDER=/var/lib/dtake/queue\nDISKQUEUEMAXSIZE=2048\n"
@@ -108,9 +108,27 @@ def media(tmp_path: Path, fake_wheelhouse: Path, code: str) -> Path:
     return d / "DTSetup.ini"
 
 
-def _apply_json(box: NsBox, ini: Path) -> dict[str, Any]:
-    done = box.run(DTSETUP, "apply", str(ini), "--json")
-    assert done.returncode in (0, 2), done.stdout + done.stderr
+@pytest.fixture
+def media(tmp_path: Path, fake_wheelhouse: Path, code: str) -> Path:
+    return make_media(tmp_path, fake_wheelhouse, code)
+
+
+def _agents(ini: Path) -> Path:
+    """A copy of resource_agents/ taken once per test, beside the input file: a rerun
+    must compare against the same agents even while someone edits the repository."""
+    copy = ini.parent / "agents"
+    if not copy.exists():
+        shutil.copytree(
+            REPO / "resource_agents", copy, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return copy
+
+
+def _apply_json(box: NsBox, ini: Path, *extra: str, env: dict[str, str] | None = None) -> Any:
+    done = box.run(
+        DTSETUP, "apply", str(ini), "--json", "--agents-dir", str(_agents(ini)), *extra, env=env
+    )
+    assert done.returncode in (0, 1, 2), done.stdout + done.stderr
     data: dict[str, Any] = json.loads(done.stdout)
     assert data["exit_code"] == done.returncode
     return data
@@ -188,6 +206,8 @@ def test_real_apply_in_namespace_box(
     # -- again: nothing changes (--json, then the seed's silent command line) -----------
     again = _apply_json(box, media)
     assert again["exit_code"] == 0 and again["recap"]["changed"] == 0, again
+    # The silent form takes no options: it installs the repository's resource_agents/,
+    # the same bytes as the copy above unless someone saves an agent in between.
     silent = box.run("bash", "-c", f'{DTSETUP} /s /v"DTSETUPINI=\\"{media}\\" /qn"')
     assert (silent.returncode, silent.stdout, silent.stderr) == (0, "", "")
     assert int(host.file("/run/dtake/dtake.pid").content_string) == supervisor.pid
@@ -228,9 +248,8 @@ def test_failure_midway_leaves_box_as_before(box: NsBox, media: Path, tmp_path: 
     (bindir / "nft").write_text(FAILING_NFT)
     (bindir / "nft").chmod(0o755)
     path = f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    done = box.run(DTSETUP, "apply", str(media), "--json", env={"PATH": path})
-    assert done.returncode == 1, done.stdout + done.stderr
-    data = json.loads(done.stdout)
+    data = _apply_json(box, media, env={"PATH": path})
+    assert data["exit_code"] == 1, data
     status = {s["name"]: s["status"] for s in data["steps"]}
     assert status["firewall"] == "failed"
     assert status["record"] == "skipped"
@@ -243,4 +262,37 @@ def test_failure_midway_leaves_box_as_before(box: NsBox, media: Path, tmp_path: 
     assert host.run("pgrep -f dtake-superviso[r]").rc == 1
     assert not host.group("dtadmin").exists
     assert leftovers(box.upper_listing(), SHADOW_BACKUPS) == {}
+    assert host_state() == before
+
+
+@pytest.mark.slow
+def test_real_service_in_namespace_box(
+    box: NsBox, tmp_path: Path, repo_wheelhouse: Path, code: str
+) -> None:
+    """The real software from this repository's wheelhouse: the real ``dtake serve``
+    takes the config, key and folders dtsetup wrote, reports READY=1 to the supervisor,
+    listens on PORT and answers on its control socket; uninstall stops it."""
+    before = host_state()
+    media = make_media(tmp_path, repo_wheelhouse, code)
+    first = _apply_json(box, media)
+    assert first["exit_code"] == 2, first
+    host = box.host()
+    pid = int(host.file("/run/dtake/dtake.pid").content_string)
+    service = host.process.get(ppid=pid)
+    assert service.args.startswith("/opt/dtake/venv/bin/python /opt/dtake/venv/bin/dtake serve")
+    assert host.socket(f"tcp://0.0.0.0:{PORT}").is_listening
+    status = host.run("/opt/dtake/venv/bin/dtake --socket /run/dtake/dtake.sock --json status")
+    assert status.rc == 0, status.stderr
+    json.loads(status.stdout)
+    again = _apply_json(box, media)
+    assert again["exit_code"] == 0, again
+
+    gone = box.run(DTSETUP, "uninstall")
+    assert gone.returncode == 2, gone.stdout + gone.stderr
+    assert host.run(f"test -d /proc/{service.pid}").rc != 0
+    assert not host.socket(f"tcp://0.0.0.0:{PORT}").is_listening
+    assert host.run("nft list ruleset").stdout.strip() == ""
+    left = leftovers(box.upper_listing(), SHADOW_BACKUPS)
+    # What the service itself wrote into its state folder is its data: kept (docs).
+    assert all(p.startswith("/var/lib/dtake") for p in left), sorted(left)
     assert host_state() == before

@@ -127,19 +127,11 @@ def test_silent_command_line_verbatim(
 
 @pytest.mark.slow
 def test_real_wheel_of_this_repo_installs_offline(
-    root: Path, ini: Callable[..., Path], tmp_path: Path
+    root: Path, ini: Callable[..., Path], repo_wheelhouse: Path
 ) -> None:
     """The real path: ``pip wheel`` of this repo and its dependencies into a wheelhouse,
     then apply installs it with ``pip --no-index`` (no registry access on the node)."""
-    house = tmp_path / "wheelhouse"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(house), str(REPO)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
-    o = actions.ApplyOptions(host="node1", root=root, wheelhouse=house, init="none")
+    o = actions.ApplyOptions(host="node1", root=root, wheelhouse=repo_wheelhouse, init="none")
     result = actions.apply(ini(), o)
     assert result.exit_code == 2, (result.reports, result.steps)
     venv = root / "opt/dtake/venv"

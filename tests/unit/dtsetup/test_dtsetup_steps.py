@@ -371,3 +371,25 @@ def test_firewalld_ufw_open_move_close_and_undo(
     assert txn.rollback() == []  # a later step failed: the port is open again
     assert fw.open == {"7000/tcp", "7000/udp"}
     assert runner.unexpected == []
+
+
+def test_stale_control_socket_removed_by_transaction(tmp_path: Path) -> None:
+    """The service leaves its control socket behind on exit; uninstall removes it like a
+    file (there is no content to keep for a rollback)."""
+    import socket as socketlib
+
+    path = tmp_path / "dtake.sock"
+    with socketlib.socket(socketlib.AF_UNIX) as s:
+        s.bind(str(path))
+    txn = Transaction()
+    txn.remove_file(path)
+    assert not path.exists()
+    assert txn.rollback() == []  # nothing to restore, and no error
+
+
+def test_supervisor_install_records_log_and_socket(
+    tmp_path: Path, full_ini: Callable[..., Path]
+) -> None:
+    ctx = ctx_for(tmp_path, settings(full_ini()), ScriptedRunner(), init="supervisor")
+    files = ServiceStep().installed(ctx)["files"]
+    assert "/var/log/dtake/supervisor.log" in files and "/run/dtake/dtake.sock" in files
