@@ -132,7 +132,10 @@ def transition(current: str, ev: DataEvent, *, auto_remirror: bool = True) -> Tr
     elif ev is DataEvent.MIRROR_STOPPED:
         new = MIRROR_REQUIRED if current == MIRRORING else current
     elif ev is DataEvent.MIRROR_COMPLETE:
-        new = OK if current in (MIRRORING, MIRROR_REQUIRED) else current
+        # Only a mirror that ran from start to end without a dropped write makes the
+        # copy good: a drop during it left Mirror Required ("mirror first" [L5610]),
+        # and that mirror's end must not hide it.
+        new = OK if current == MIRRORING else current
     elif ev in (DataEvent.WRITE_RETRIED, DataEvent.WRITE_SUCCEEDED):
         pass  # good stays good; the op being retried is not in a snapshot [L5609]
     elif ev in (DataEvent.WRITE_DROPPED, DataEvent.OPS_LOST):

@@ -2,10 +2,13 @@
 Prometheus text exposition (``/metrics``, off by default: ``data_safety.metrics.port``).
 
 Only the fields that mean something on Linux are produced: KERNEL (SourceState,
-TargetState, Start Time, Rep/Mir ops and bytes, failures), TARGET (one block per
-source: ops received, retries/drops, orphans removed, queue bytes), SOURCE (auto
-(dis)connects, last file touched) and CONNECTION (one block per connection: conState,
-queues, bytes transmitted, mirror progress). The exposition format is written by hand
+TargetState, Start Time, Rep/Mir ops and bytes, failed mirror/replication reads),
+TARGET (one block per source: ops received, retries, drops, ops remaining, orphans
+removed, target queue bytes), SOURCE (auto (dis)connects, last file touched) and
+CONNECTION (one block per connection: conState, queues, bytes before and after
+compression, resent ops, disk queue, bandwidth limit, mirror progress). Fields with no
+Linux meaning (allocators, activation codes, driver queue, task commands, separate
+mirror queues) are left out, never shown as a made-up 0 (docs/data-safety.md). The exposition format is written by hand
 (text format 0.0.4), so no extra dependency is needed.
 """
 
@@ -28,68 +31,112 @@ log = logging.getLogger("dtake.metrics")
 CON_STATE = {"Started": 1, "Paused": 2, "Scheduled": 4, "Error": 8, "Stopped": 0}
 
 
+class _LastTouched:
+    """Which connection sent an op most recently, as seen between two collections.
+
+    Each connection keeps its own last path (``stats["last_file_touched"]``); the
+    SOURCE block has one ``lastFileTouched``: the path of the connection whose op
+    counter moved last (ties: the one seen first)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[int, int]] = {}  # con id -> (ops_sent, tick)
+        self._tick = 0
+        self._lock = threading.Lock()
+
+    def pick(self, conns: list[dict[str, Any]]) -> str:
+        with self._lock:
+            best: tuple[int, str] = (-1, "")
+            for c in conns:
+                ops = int(c["stats"].get("ops_sent", 0))
+                prev = self._seen.get(c["id"])
+                if prev is None or prev[0] != ops:
+                    self._tick += 1
+                    prev = self._seen[c["id"]] = (ops, self._tick)
+                path = str(c["stats"].get("last_file_touched", "") or "")
+                if path and prev[1] > best[0]:
+                    best = (prev[1], path)
+            return best[1]
+
+
+_last_touched: dict[int, _LastTouched] = {}
+
+
 def collect(svc: Service) -> dict[str, Any]:
+    """The seed's DTStat fields that have a Linux meaning; the rest are left out, not
+    reported as 0 (docs/data-safety.md, Statistics, lists which and why)."""
     st = svc.status()
     feat = svc.features.get("dtake.service.datafeatures")
     orphans = dict(getattr(feat, "orphan_stats", {}) or {})
     conns = st["connections"]
+
+    def total(key: str) -> int:
+        return sum(int(c["stats"].get(key, 0)) for c in conns)
+
     kernel = {
         "SourceState": 2 if conns else 1,  # 2: running with change capture
         "TargetState": 1,
         "StartTime": time.ctime(svc.started),
-        "RepOpsGenerated": sum(c["stats"].get("replication_ops", 0) for c in conns),
-        "RepBytesGenerated": sum(
-            c["stats"].get("bytes_sent", 0) - c["stats"].get("mirror_bytes_sent", 0) for c in conns
-        ),
-        "MirOpsGenerated": sum(c["stats"].get("files_sent", 0) for c in conns),
-        "MirBytesGenerated": sum(c["stats"].get("mirror_bytes_sent", 0) for c in conns),
-        "FailedMirrorCount": 0,
-        "FailedRepCount": sum(c["stats"].get("read_failures", 0) for c in conns),
+        "RepOpsGenerated": total("replication_ops"),
+        "RepBytesGenerated": total("bytes_sent") - total("mirror_bytes_sent"),
+        "MirOpsGenerated": total("files_sent"),
+        "MirBytesGenerated": total("mirror_bytes_sent"),
+        "FailedMirrorCount": total("mirror_failures"),
+        "FailedRepCount": max(0, total("read_failures") - total("mirror_failures")),
     }
-    targets = [
-        {
-            "PeerAddress": t["source_node"],
-            "TargetPath": t["target_path"],
-            "Ops Received": t.get("ops_applied", 0),
-            "Retries": 0,
-            "OpsDropped": t.get("failures", 0),
-            "Orphan Files Removed": orphans.get("files", 0),
-            "Orphan Directories Removed": orphans.get("dirs", 0),
-            "Orphan Bytes Removed": orphans.get("bytes", 0),
-            "Bytes Applied": t.get("bytes_applied", 0),
-            "DataState": t.get("data_state", ""),
-        }
-        for t in st["targets"]
-    ]
+    targets = []
+    for t in st["targets"]:
+        tq = t.get("target_queue") or {}
+        targets.append(
+            {
+                "PeerAddress": t["source_node"],
+                "TargetPath": t["target_path"],
+                "Ops Received": t.get("ops_applied", 0),
+                "Retries": t.get("retries", 0),
+                "OpsDropped": t.get("failures", 0),
+                "Ops Remaining": tq.get("ops", 0),
+                "Orphan Files Removed": orphans.get("files", 0),
+                "Orphan Directories Removed": orphans.get("dirs", 0),
+                "Orphan Bytes Removed": orphans.get("bytes", 0),
+                "Bytes In Target Queue": tq.get("bytes", 0),
+                "Bytes Applied": t.get("bytes_applied", 0),
+                "DataState": t.get("data_state", ""),
+            }
+        )
+    touched = _last_touched.setdefault(id(svc), _LastTouched())
     source = {
-        "autoDisConnects": sum(c["stats"].get("reconnects", 0) for c in conns),
-        "autoReConnects": sum(c["stats"].get("reconnects", 0) for c in conns),
-        "lastFileTouched": "",
+        "autoDisConnects": sum(int(c.get("auto_disconnects", 0)) for c in conns),
+        "autoReConnects": sum(int(c.get("auto_reconnects", 0)) for c in conns),
+        "lastFileTouched": touched.pick(conns),
     }
-    connections = [
-        {
-            "id": c["id"],
-            "repset": c["repset"],
-            "conPeerAddress": c["target"],
-            "connectTime": time.ctime(c["connected_since"]) if c["connected_since"] else "",
-            "conState": CON_STATE.get(c["state"], 0),
-            "conOpsInAckQueue": c["unacked_ops"],
-            "conOpsInRepQueue": c["queued_items"],
-            "conBytesInRepQueue": c["queued_bytes"],
-            "conOpsTx": c["stats"].get("ops_sent", 0),
-            "conBytesTx": c["stats"].get("bytes_sent", 0),
-            "conBytesCompressedTx": c["stats"].get(
-                "bytes_compressed", c["stats"].get("bytes_sent", 0)
-            ),
-            "conResentOpCount": 0,
-            "conBytesSkipped": c["stats"].get("mirror_bytes_skipped", 0),
-            "conMirrorPercent": _percent(c["mirror_status"]),
-            "targetDataState": c["target_data_state"],
-            "mirrorStatus": c["mirror_status"],
-            "replicationStatus": c["replication_status"],
-        }
-        for c in conns
-    ]
+    connections = []
+    for c in conns:
+        q = c.get("queue") or {}
+        limit = c.get("bandwidth_limit_kbps")
+        connections.append(
+            {
+                "id": c["id"],
+                "repset": c["repset"],
+                "conPeerAddress": c["target"],
+                "connectTime": time.ctime(c["connected_since"]) if c["connected_since"] else "",
+                "conState": CON_STATE.get(c["state"], 0),
+                "conOpsInCmdQueue": (c.get("target_queue") or {}).get("ops", 0),
+                "conOpsInAckQueue": c["unacked_ops"],
+                "conOpsInRepQueue": c["queued_items"],
+                "conBytesInRepQueue": c["queued_bytes"],
+                "conOpsTx": c["stats"].get("ops_sent", 0),
+                "conBytesTx": c.get("bytes_sent_uncompressed", c["stats"].get("bytes_sent", 0)),
+                "conBytesCompressedTx": c.get("bytes_sent_compressed", 0),
+                "conResentOpCount": c["stats"].get("resent_ops", 0),
+                "conBytesInDiskQueue": q.get("disk_bytes", 0),
+                "conBandwidthLimit": "Unlimited" if not limit else f"{limit:g} kbps",
+                "conBytesSkipped": c["stats"].get("mirror_bytes_skipped", 0),
+                "conMirrorPercent": _percent(c["mirror_status"]),
+                "lastFileTouched": c["stats"].get("last_file_touched", ""),
+                "targetDataState": c["target_data_state"],
+                "mirrorStatus": c["mirror_status"],
+                "replicationStatus": c["replication_status"],
+            }
+        )
     return {
         "time": time.time(),
         "node": st["node"],
@@ -125,9 +172,11 @@ def render_dtstat(d: dict[str, Any]) -> str:
         out += [
             f"TARGET:: PeerAddress: {t_['PeerAddress']} LocalAddress: {d['node']}",
             f"   Ops Received: {t_['Ops Received']}",
-            f"   Retries: {t_['Retries']} OpsDropped: {t_['OpsDropped']}",
+            f"   Retries: {t_['Retries']} OpsDropped: {t_['OpsDropped']} "
+            f"Ops Remaining: {t_['Ops Remaining']}",
             f"   Orphan Files Removed: {t_['Orphan Files Removed']} Orphan Directories Removed: "
             f"{t_['Orphan Directories Removed']} Orphan Bytes Removed: {t_['Orphan Bytes Removed']}",
+            f"   Bytes In Target Queue: {t_['Bytes In Target Queue']}",
         ]
     s = d["SOURCE"]
     out += [
@@ -139,11 +188,15 @@ def render_dtstat(d: dict[str, Any]) -> str:
         out += [
             f"CONNECTION:: conPeerAddress: {c['conPeerAddress']}",
             f"   connectTime: {c['connectTime']}",
-            f"   conState: {c['conState']} conOpsInAckQueue: {c['conOpsInAckQueue']}",
+            f"   conState: {c['conState']} conOpsInCmdQueue: {c['conOpsInCmdQueue']} "
+            f"conOpsInAckQueue: {c['conOpsInAckQueue']}",
             f"   conOpsInRepQueue: {c['conOpsInRepQueue']} conBytesInRepQueue: {c['conBytesInRepQueue']}",
             f"   conOpsTx: {c['conOpsTx']} conBytesTx: {c['conBytesTx']}",
             f"   conBytesCompressedTx: {c['conBytesCompressedTx']}",
-            f"   conResentOpCount: {c['conResentOpCount']} conBytesSkipped: {c['conBytesSkipped']}",
+            f"   conResentOpCount: {c['conResentOpCount']} "
+            f"conBytesInDiskQueue: {c['conBytesInDiskQueue']}",
+            f"   conBandwidthLimit: {c['conBandwidthLimit']} "
+            f"conBytesSkipped: {c['conBytesSkipped']}",
             f"   conMirrorPercent: {'' if pct is None else f'{pct:.1f}%'}",
         ]
     return "\n".join(out) + "\n"
@@ -182,7 +235,30 @@ def exposition(svc: Service) -> str:
         "conState (1 active, 2 paused, 4 scheduled, 8 error)",
         [(lb, c["conState"]) for lb, c in cl],
     )
+    metric("failed_mirror_total", "counter", "FailedMirrorCount", [({}, k["FailedMirrorCount"])])
+    metric("failed_rep_total", "counter", "FailedRepCount", [({}, k["FailedRepCount"])])
+    src = d["SOURCE"]
+    metric("auto_disconnects_total", "counter", "autoDisConnects", [({}, src["autoDisConnects"])])
+    metric("auto_reconnects_total", "counter", "autoReConnects", [({}, src["autoReConnects"])])
     metric("con_bytes_tx_total", "counter", "conBytesTx", [(lb, c["conBytesTx"]) for lb, c in cl])
+    metric(
+        "con_bytes_compressed_tx_total",
+        "counter",
+        "conBytesCompressedTx",
+        [(lb, c["conBytesCompressedTx"]) for lb, c in cl],
+    )
+    metric(
+        "con_resent_ops_total",
+        "counter",
+        "conResentOpCount",
+        [(lb, c["conResentOpCount"]) for lb, c in cl],
+    )
+    metric(
+        "con_bytes_in_disk_queue",
+        "gauge",
+        "conBytesInDiskQueue",
+        [(lb, c["conBytesInDiskQueue"]) for lb, c in cl],
+    )
     metric("con_ops_tx_total", "counter", "conOpsTx", [(lb, c["conOpsTx"]) for lb, c in cl])
     metric(
         "con_bytes_in_rep_queue",
@@ -221,6 +297,10 @@ def exposition(svc: Service) -> str:
     )
     metric(
         "target_ops_dropped_total", "counter", "OpsDropped", [(lb, t["OpsDropped"]) for lb, t in tl]
+    )
+    metric("target_retries_total", "counter", "Retries", [(lb, t["Retries"]) for lb, t in tl])
+    metric(
+        "target_ops_remaining", "gauge", "Ops Remaining", [(lb, t["Ops Remaining"]) for lb, t in tl]
     )
     metric(
         "orphan_files_removed_total",

@@ -291,3 +291,72 @@ def test_checksum_verification_finds_same_size_same_time_changes(
     settle(a, cid)
     assert_same(src, dst)
     assert a.call("verify", con_id=cid, checksum=True)["different"] == 0
+
+
+# ---------------------------------------------------------------------------- statistics
+def dtstat(svc: ServiceProcess) -> dict[str, Any]:
+    d: dict[str, Any] = svc.call("dtstat")
+    return d
+
+
+def test_statistics_last_file_compression_and_target_queue_move(
+    tmp_path: Any, service: Factory
+) -> None:
+    src, dst, a, b, cid = setup_pair(tmp_path, service)
+    write(os.path.join(src, "x", "new.txt"), "last one")
+    settle(a, cid)
+    d = dtstat(a)
+    assert d["SOURCE"]["lastFileTouched"] == "x/new.txt"
+    assert d["CONNECTION"][0]["lastFileTouched"] == "x/new.txt"
+    assert d["CONNECTION"][0]["conBandwidthLimit"] == "Unlimited"
+    before = d["CONNECTION"][0]
+    assert before["conBytesCompressedTx"] == before["conBytesTx"]  # compression off
+    a.call("compression", target="127.0.0.1", action="set", algorithm="zlib", level=6)
+    write(os.path.join(src, "text.txt"), "all work and no play\n" * 20_000)
+    settle(a, cid)
+    after = dtstat(a)["CONNECTION"][0]
+    raw = after["conBytesTx"] - before["conBytesTx"]
+    wire = after["conBytesCompressedTx"] - before["conBytesCompressedTx"]
+    assert raw > 400_000 and wire * 10 < raw, (raw, wire)
+    # Target side: ops held while the target is paused are Ops Remaining.
+    b.call("target", action="pause")
+    for i in range(20):
+        write(os.path.join(src, "held", f"f{i}"), os.urandom(1000))
+    t = until(
+        lambda: [x for x in dtstat(b)["TARGET"] if x["Ops Remaining"] > 0], "ops held on target"
+    )[0]
+    assert t["Bytes In Target Queue"] > 0
+    b.call("target", action="resume")
+    settle(a, cid)
+    assert dtstat(b)["TARGET"][0]["Ops Remaining"] == 0
+    assert_same(src, dst)
+
+
+def test_failed_mirror_count_moves_when_the_target_refuses_a_file(
+    tmp_path: Any, service: Factory
+) -> None:
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    write(os.path.join(src, "ok.txt"), "fine")
+    write(os.path.join(src, "locked.txt"), "new content")
+    write(os.path.join(dst, "locked.txt"), "old content")
+    for i in range(6):  # the mirror goes on after the refusal is acknowledged
+        write(os.path.join(src, "zz", f"big{i}"), os.urandom(1 << 20))
+    if subprocess.run(["chattr", "+i", os.path.join(dst, "locked.txt")]).returncode != 0:
+        pytest.skip("chattr +i is not supported on this filesystem")
+    a, b = service("a"), service("b")
+    try:
+        a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+        assert dtstat(a)["KERNEL"]["FailedMirrorCount"] == 0
+        cid = connect(a, b, dst, mirror="full")
+        until(lambda: dtstat(a)["KERNEL"]["FailedMirrorCount"] >= 1, "a failed mirror op")
+        # Visible: the copy is not good.
+        until(
+            lambda: a.call("status")["connections"][0]["target_data_state"] == "Mirror Required",
+            "Mirror Required",
+        )
+    finally:
+        subprocess.run(["chattr", "-i", os.path.join(dst, "locked.txt")], check=True)
+    a.call("mirror", con_id=cid, action="start", mode="full")
+    st = settle(a, cid)
+    assert st["target_data_state"] == "OK"
+    assert_same(src, dst)

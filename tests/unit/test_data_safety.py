@@ -48,6 +48,8 @@ TABLE = [
     (ds.MIRROR_REQUIRED, DataEvent.MIRROR_STARTED, ds.MIRRORING, False),
     (ds.MIRRORING, DataEvent.MIRROR_STOPPED, ds.MIRROR_REQUIRED, False),
     (ds.MIRRORING, DataEvent.MIRROR_COMPLETE, ds.OK, False),
+    # a write dropped during the mirror: its end does not make the copy good
+    (ds.MIRROR_REQUIRED, DataEvent.MIRROR_COMPLETE, ds.MIRROR_REQUIRED, False),
     (ds.OK, DataEvent.WRITE_RETRIED, ds.OK, False),
     (ds.OK, DataEvent.WRITE_DROPPED, ds.MIRROR_REQUIRED, True),
     (ds.OK, DataEvent.WRITE_SUCCEEDED, ds.OK, False),
@@ -500,3 +502,86 @@ def test_target_hashes_batch_is_confined_and_reports_non_files(tmp_path: Any) ->
     assert got["d"] is None
     assert got["escape/secret"] is None
     assert got["d/none"] is None
+
+
+# ---------------------------------------------------------------------------- statistics
+class _FakeSvc:
+    started = 0.0
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self._status = status
+        self.features: dict[str, Any] = {}
+
+    def status(self) -> dict[str, Any]:
+        return self._status
+
+
+def _conn(cid: int, ops: int, last: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "repset": "rs",
+        "target": "10.0.0.2:6320",
+        "state": "Started",
+        "connected_since": 0,
+        "unacked_ops": 0,
+        "queued_items": 0,
+        "queued_bytes": 0,
+        "mirror_status": "Idle",
+        "target_data_state": "OK",
+        "replication_status": "Ready",
+        "queue": {"disk_bytes": 4096},
+        "target_queue": {"ops": 3, "bytes": 10},
+        "auto_disconnects": 1,
+        "auto_reconnects": 2,
+        "bytes_sent_uncompressed": 1000,
+        "bytes_sent_compressed": 250,
+        "bandwidth_limit_kbps": 512.0,
+        "stats": {
+            "ops_sent": ops,
+            "resent_ops": 7,
+            "mirror_failures": 2,
+            "read_failures": 5,
+            "last_file_touched": last,
+        },
+        **extra,
+    }
+
+
+def test_statistics_read_the_real_counters_and_omit_what_linux_lacks() -> None:
+    from dtake.service.metrics import collect, exposition, render_dtstat
+
+    target = {"source_node": "alpha", "target_path": "/copy", "retries": 4, "failures": 1}
+    target["target_queue"] = {"ops": 9, "bytes": 900}
+    svc = _FakeSvc({"node": "n", "connections": [_conn(1, 10, "a/x")], "targets": [target]})
+    d = collect(svc)  # type: ignore[arg-type]
+    k, s, c, t = d["KERNEL"], d["SOURCE"], d["CONNECTION"][0], d["TARGET"][0]
+    assert (k["FailedMirrorCount"], k["FailedRepCount"]) == (2, 3)
+    assert (s["autoDisConnects"], s["autoReConnects"], s["lastFileTouched"]) == (1, 2, "a/x")
+    assert (c["conResentOpCount"], c["conBytesTx"], c["conBytesCompressedTx"]) == (7, 1000, 250)
+    assert (c["conBytesInDiskQueue"], c["conOpsInCmdQueue"]) == (4096, 3)
+    assert c["conBandwidthLimit"] == "512 kbps"
+    assert (t["Retries"], t["OpsDropped"], t["Ops Remaining"], t["Bytes In Target Queue"]) == (
+        4,
+        1,
+        9,
+        900,
+    )
+    text = render_dtstat(d)
+    for absent in ("Tasks", "ActFailCount", "DriverQueuePercent", "ALLOCATOR", "conOpsInMirQueue"):
+        assert absent not in text  # no Linux meaning: left out, not a made-up 0
+    assert "conResentOpCount: 7" in text and "lastFileTouched : a/x" in text
+    prom = exposition(svc)  # type: ignore[arg-type]
+    assert 'dtake_con_resent_ops_total{id="1",repset="rs",target="10.0.0.2:6320"} 7' in prom
+    assert "dtake_failed_mirror_total 2" in prom
+
+
+def test_last_file_touched_follows_the_connection_that_sent_last() -> None:
+    from dtake.service.metrics import collect
+
+    conns = [_conn(1, 10, "one/a"), _conn(2, 5, "two/b")]
+    svc = _FakeSvc({"node": "n", "connections": conns, "targets": []})
+    collect(svc)  # type: ignore[arg-type]
+    conns[0] = _conn(1, 11, "one/c")  # only connection 1 sent since
+    assert collect(svc)["SOURCE"]["lastFileTouched"] == "one/c"  # type: ignore[arg-type]
+    conns[1] = _conn(2, 6, "two/d")
+    assert collect(svc)["SOURCE"]["lastFileTouched"] == "two/d"  # type: ignore[arg-type]
