@@ -25,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dtsetup import actions, model
+from dtsetup import actions, model, render
 from dtsetup.reports import Code
 from dtsetup.runner import ScriptedRunner
 
@@ -389,6 +389,30 @@ def test_one_yaml_fault_is_reported_exactly_where_it_is(
         errors = [(r.code, r.line, r.section, r.key) for r in result.reports if r.is_error]
         assert errors == [(code, line, section.name, key)], (lines, errors)
         _assert_changes_nothing(path, section.name)
+
+
+@SETTINGS
+@given(documents(), st.sampled_from(["ini", "yaml"]), st.data())
+def test_export_reads_back_as_the_same_settings(
+    sections: list[Section], fmt: str, data: st.DataObject
+) -> None:
+    """``export --include-secrets`` gives input that ``apply`` reads as the same settings
+    (the record holds typed values; export writes them back in input form)."""
+    chosen = data.draw(st.sampled_from(sections))
+    with tempfile.TemporaryDirectory() as tmp:
+        lines = [f"[{chosen.name}]"] + [f"{e.written}={e.raw}" for e in chosen.entries]
+        source = _write(Path(tmp), lines, name="DTSetup.ini", crlf=False, bom=False)
+        loaded = model.load(source, host=chosen.name)
+        assert loaded.settings is not None
+        keys = loaded.settings.to_keys()
+        renderer = render.export_yaml if fmt == "yaml" else render.export_ini
+        text = renderer(chosen.name, keys, include_secrets=True)
+        back = Path(tmp) / ("export.yaml" if fmt == "yaml" else "export.ini")
+        back.write_text(text)
+        again = model.load(back, host=chosen.name)
+        assert again.ok, [r.render() for r in again.reports if r.is_error]
+        assert again.settings is not None and again.settings.to_keys() == keys
+        assert [r for r in again.reports if r.code is Code.MISSING_KEY] == []
 
 
 # -- what the properties found, kept as plain examples ------------------------------------
