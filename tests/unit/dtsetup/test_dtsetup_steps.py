@@ -393,3 +393,54 @@ def test_supervisor_install_records_log_and_socket(
     ctx = ctx_for(tmp_path, settings(full_ini()), ScriptedRunner(), init="supervisor")
     files = ServiceStep().installed(ctx)["files"]
     assert "/var/log/dtake/supervisor.log" in files and "/run/dtake/dtake.sock" in files
+
+
+def _installed_venv(tmp_path: Path, full_ini: Callable[..., Path]) -> tuple[Context, Path]:
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    (house / "dtake-0.1.0-py3-none-any.whl").write_bytes(b"wheel one")
+
+    def make_venv(argv: tuple[str, ...], _input: str | None) -> int:
+        (Path(argv[-1]) / "bin").mkdir(parents=True)
+        (Path(argv[-1]) / "bin" / "python").write_text("")
+        return 0
+
+    runner = ScriptedRunner().on("/py", "-m", "venv", answer=make_venv)
+    ctx = ctx_for(tmp_path, settings(full_ini()), runner)
+    runner.on(str(ctx.root / "opt/dtake/venv/bin/python"), "-m", "pip", "install", answer=0)
+    step = SoftwareStep(SoftwareSource(wheelhouse=house), python="/py")
+    assert step.plan(ctx).changed
+    step.apply(ctx, Transaction())
+    return ctx, house
+
+
+def test_noop_software_plan_stats_without_hashing(
+    tmp_path: Path, full_ini: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx, house = _installed_venv(tmp_path, full_ini)
+    marker = (ctx.root / "opt/dtake/venv/.dtsetup-software").read_text().splitlines()
+    assert len(marker[0]) == 64 and marker[1].startswith("stat:")
+
+    def no_hashing(self: SoftwareSource) -> str:
+        raise AssertionError("hashed the wheels although nothing changed")
+
+    with monkeypatch.context() as m:
+        m.setattr(SoftwareSource, "digest", no_hashing)
+        assert not SoftwareStep(SoftwareSource(wheelhouse=house)).plan(ctx).changed
+
+    wheel = house / "dtake-0.1.0-py3-none-any.whl"
+    os.utime(wheel, ns=(1, 1))  # touched, same bytes: hashed, and still nothing to do
+    assert not SoftwareStep(SoftwareSource(wheelhouse=house)).plan(ctx).changed
+    wheel.write_bytes(b"wheel two")  # same size, new bytes, new mtime: reinstall
+    assert SoftwareStep(SoftwareSource(wheelhouse=house)).plan(ctx).summary.startswith("reinstall")
+
+
+def test_marker_without_stat_line_still_matches(
+    tmp_path: Path, full_ini: Callable[..., Path]
+) -> None:
+    """A venv installed before the stat check (the marker holds only the digest) is not
+    reinstalled: the digest decides."""
+    ctx, house = _installed_venv(tmp_path, full_ini)
+    marker = ctx.root / "opt/dtake/venv/.dtsetup-software"
+    marker.write_text(marker.read_text().splitlines()[0])
+    assert not SoftwareStep(SoftwareSource(wheelhouse=house)).plan(ctx).changed
