@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--wheelhouse")
     u.add_argument("--auth-key")
     u.add_argument("--python", default="/usr/bin/python3")
+    u.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for upgraded targets to resync before moving (default 600)",
+    )
+    u.add_argument("--dtake-bin", default="/opt/dtake/venv/bin/dtake", help="dtake on the hosts")
     return ap
 
 
@@ -188,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             return _emit(deploy(hosts, _connector(args), o), args)
         from playbooks.upgrade import upgrade
 
-        return _emit(upgrade(hosts, _connector(args), o), args)
+        res = upgrade(
+            hosts, _connector(args), o, sync_timeout=args.sync_timeout, dtake_bin=args.dtake_bin
+        )
+        return _emit(res, args)
     if args.command == "cluster":
         from playbooks.cluster import ClusterOptions, cluster
 

@@ -25,20 +25,33 @@ in standby, and the resources stay where they run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from playbooks.deploy import DeployOptions, _host
-from playbooks.pacemaker import Status, status
+from playbooks.pacemaker import CRM_MON_ATTRS, Status, parse_crm_mon, status
 from playbooks.recap import CHANGED, FAILED, OK, SKIPPED, HostResult, PlaybookResult
-from playbooks.remote import Connector, HostTimeout, Remote, run_hosts
+from playbooks.remote import Connector, Remote, run_hosts
 from playbooks.reports import Finding
 from playbooks.wheelhouse import manifest
 
-__all__ = ["OK_TEXT", "in_sync", "upgrade"]
+__all__ = ["DTAKE_BIN", "OK_TEXT", "NotInSync", "in_sync", "upgrade"]
 
 OK_TEXT = "The status of all targets is OK."
 PROMOTED = ("Promoted", "Master")
+T = TypeVar("T")
+DTAKE_BIN = "/opt/dtake/venv/bin/dtake"  # <DOUBLETAKEFOLDER>/venv/bin/dtake
+
+
+class NotInSync(Exception):
+    """The target copies did not resync in time; ``promoted`` is the source node."""
+
+    def __init__(self, why: str, promoted: list[str]) -> None:
+        super().__init__(why)
+        self.promoted = promoted
 
 
 def _standby(remote: Remote, node: str, on: bool) -> None:
@@ -88,18 +101,36 @@ def in_sync(st: Status) -> str | None:
 
 def _wait_in_sync(remote: Remote, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    why = "no answer"
-    while time.monotonic() < deadline:
-        r = remote.run("crm_mon --output-as xml --inactive -A", timeout=30)
+    why, promoted = "no answer from crm_mon", []
+    while True:
+        r = remote.run(CRM_MON_ATTRS, timeout=30)
         if r.ok:
-            from playbooks.pacemaker import parse_crm_mon
-
-            missing = in_sync(parse_crm_mon(r.stdout))
+            st = parse_crm_mon(r.stdout)
+            missing = in_sync(st)
             if missing is None:
                 return
             why = missing
+            promoted = sorted({n for rid in st.promotable for n in st.promoted(rid)})
+        if time.monotonic() >= deadline:
+            raise NotInSync(f"targets not in sync within {timeout:.0f}s: {why}", promoted)
         time.sleep(1.0)
-    raise HostTimeout(f"targets not in sync within {timeout:.0f}s ({why})")
+
+
+def _connection_errors(connect: Connector, node: str, dtake_bin: str) -> str:
+    """The replication errors the source node reports (why its targets do not resync)."""
+    try:
+        remote = connect(node)
+    except Exception:
+        return ""
+    try:
+        r = remote.run(f"{shlex.quote(dtake_bin)} --json status", timeout=30)
+        conns = json.loads(r.stdout).get("connections", []) if r.ok else []
+    except Exception:
+        return ""
+    finally:
+        remote.close()
+    errors = [f"{c.get('target')}: {c['last_error']}" for c in conns if c.get("last_error")]
+    return f"; connection errors on {node}: " + "; ".join(errors) if errors else ""
 
 
 def upgrade(
@@ -109,6 +140,7 @@ def upgrade(
     *,
     sync_timeout: float = 600.0,
     settle_timeout: float = 300.0,
+    dtake_bin: str = DTAKE_BIN,
 ) -> PlaybookResult:
     t0 = time.monotonic()
     result = PlaybookResult("upgrade")
@@ -137,6 +169,96 @@ def upgrade(
             per_host[h].unreachable = r.unreachable
         return not any(per_host[n].failed for n in nodes)
 
+    def control(fn: Callable[[Remote], T]) -> T:
+        """Pacemaker steps through a fresh connection to the first host: each phase gets
+        the per-host deadline (the whole roll may take longer than one host's)."""
+        remote = connect(hosts[0])
+        try:
+            return fn(remote)
+        finally:
+            remote.close()
+
+    def standby(nodes: list[str], on: bool, why: str = "") -> None:
+        def go(remote: Remote) -> None:
+            for n in nodes:
+                _standby(remote, n, on)
+                per_host[n].add(f"standby {'on' if on else 'off'}", CHANGED, why)
+            _settle(remote, settle_timeout)
+
+        control(go)
+
+    def resynced(nodes: list[str], blame: str, stage: str) -> bool:
+        """Wait until every target copy could take over; a timeout is a failure on BLAME
+        with the reason and the source's replication errors."""
+        try:
+            control(lambda remote: _wait_in_sync(remote, sync_timeout))
+        except NotInSync as e:
+            why = str(e)
+            for src in e.promoted:
+                why += _connection_errors(connect, src, dtake_bin)
+            per_host[blame].add("resync", FAILED, f"{stage}: {why}")
+            return False
+        for n in nodes:
+            per_host[n].add("resync", OK, "target copies in sync")
+        return True
+
+    def move(remote: Remote, hold: str) -> tuple[Status, Status]:
+        before = status(remote)
+        _standby(remote, hold, True)
+        _settle(remote, settle_timeout)
+        return before, status(remote)
+
+    def roll(needs: list[str]) -> None:
+        hold = _active_node(control(status), hosts)
+        others = [h for h in needs if h != hold]
+        # 1.-2. the others, while the active node keeps the resources
+        if others:
+            standby(others, True, f"resources stay on {hold}")
+            if not upgrade_nodes(others):
+                bad = [n for n in others if per_host[n].failed]
+                good = [n for n in others if n not in bad]
+                if good:
+                    standby(good, False)
+                per_host[hold].add(
+                    "upgrade",
+                    FAILED,
+                    f"stopped: the upgrade of {', '.join(bad)} failed (left in standby); "
+                    f"resources stay on {hold}",
+                )
+                return
+            standby(others, False)
+            if not resynced(others, hold, f"stopped before the move, resources stay on {hold}"):
+                return
+        if hold not in needs:
+            return
+        # 3. move the resources to an upgraded node (resynced: it can take over)
+        if not others and not resynced([], hold, "stopped before the move"):
+            return
+        before, after = control(lambda remote: move(remote, hold))
+        stuck = [
+            rid
+            for rid, roles in before.roles.items()
+            if roles.get(hold) in PROMOTED and not [n for n in after.promoted(rid) if n != hold]
+        ]
+        if stuck:
+            standby([hold], False, "nothing was promoted elsewhere: the resources stay")
+            per_host[hold].add(
+                "move resources",
+                FAILED,
+                f"{', '.join(stuck)} not promoted on an upgraded node: left on {hold}, "
+                "which is not upgraded",
+            )
+            return
+        dest = sorted({n for rid in before.promotable for n in after.promoted(rid)}) or [
+            n for n in hosts if n != hold
+        ]
+        per_host[hold].add("move resources", CHANGED, f"standby on; now active: {', '.join(dest)}")
+        # 4. the last node, then back as a target
+        if not upgrade_nodes([hold]):
+            return
+        standby([hold], False)
+        resynced([hold], hold, "the last node rejoined")
+
     # 0. plan: who is not on the wheelhouse's version yet (check mode writes nothing)
     plan = deploy_to(hosts, dataclasses.replace(o, check=True, diff=False, retry_file=None))
     unplanned = [h for h in hosts if plan[h].failed]
@@ -153,78 +275,10 @@ def upgrade(
     for h in hosts:
         if h not in needs:
             per_host[h].add("version", OK, "already installed from this wheelhouse")
-    if not needs:
-        result.seconds = time.monotonic() - t0
-        return result
-
-    ctl = connect(hosts[0])
     try:
-        hold = _active_node(status(ctl), hosts)
-        others = [h for h in needs if h != hold]
-        # 1.-2. the others, while the active node keeps the resources
-        if others:
-            for n in others:
-                _standby(ctl, n, True)
-                per_host[n].add("standby on", CHANGED, f"resources stay on {hold}")
-            _settle(ctl, settle_timeout)
-            if not upgrade_nodes(others):
-                bad = [n for n in others if per_host[n].failed]
-                for n in others:
-                    if n not in bad:
-                        _standby(ctl, n, False)
-                        per_host[n].add("standby off", CHANGED)
-                per_host[hold].add(
-                    "upgrade",
-                    FAILED,
-                    f"stopped: the upgrade of {', '.join(bad)} failed (left in standby); "
-                    f"resources stay on {hold}",
-                )
-                return result
-            for n in others:
-                _standby(ctl, n, False)
-                per_host[n].add("standby off", CHANGED)
-            _settle(ctl, settle_timeout)
-            _wait_in_sync(ctl, sync_timeout)
-            for n in others:
-                per_host[n].add("resync", OK, "target copies in sync")
-        if hold not in needs:
-            return result
-        # 3. move the resources to an upgraded node
-        _wait_in_sync(ctl, sync_timeout)
-        before = status(ctl)
-        _standby(ctl, hold, True)
-        _settle(ctl, settle_timeout)
-        after = status(ctl)
-        stuck = [
-            rid
-            for rid, roles in before.roles.items()
-            if roles.get(hold) in PROMOTED and not [n for n in after.promoted(rid) if n != hold]
-        ]
-        if stuck:
-            _standby(ctl, hold, False)
-            _settle(ctl, settle_timeout)
-            per_host[hold].add(
-                "move resources",
-                FAILED,
-                f"{', '.join(stuck)} not promoted on an upgraded node: left on {hold}, "
-                "which is not upgraded",
-            )
-            return result
-        dest = sorted({n for rid in before.promotable for n in after.promoted(rid)}) or [
-            n for n in hosts if n != hold
-        ]
-        per_host[hold].add("move resources", CHANGED, f"standby on; now active: {', '.join(dest)}")
-        # 4. the last node
-        if not upgrade_nodes([hold]):
-            return result
-        _standby(ctl, hold, False)
-        per_host[hold].add("standby off", CHANGED)
-        _settle(ctl, settle_timeout)
-        _wait_in_sync(ctl, sync_timeout)
-        per_host[hold].add("resync", OK, "target copy in sync")
+        if needs:
+            roll(needs)
     except Exception as e:
         per_host[hosts[0]].add("upgrade", FAILED, f"{type(e).__name__}: {e}")
-    finally:
-        ctl.close()
-        result.seconds = time.monotonic() - t0
+    result.seconds = time.monotonic() - t0
     return result

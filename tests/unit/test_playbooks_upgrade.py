@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -145,3 +146,28 @@ def test_a_host_that_cannot_be_planned_stops_before_anything_changes(tmp_path: P
     assert res.exit_code != EXIT_OK and not res.changed, res.render()
     assert all(not r.ran(r"crm_attribute|put ") for r in remotes.values())
     assert {h.host: bool(h.unreachable) for h in res.hosts}["node3"]
+
+
+def test_targets_that_do_not_resync_stop_the_roll_before_the_move(tmp_path: Path) -> None:
+    """E.g. a new version the old one cannot replicate to: the resources stay on the held
+    node, and the failure says why (the source's replication errors)."""
+    o = _opts(tmp_path)
+    remotes = {n: fresh_host(n) for n in NODES}
+    ctl = remotes["node1"]
+    ctl.script(r"--inactive$", stdout=crm_mon("node2"))
+    stale = synced("node2")
+    stale["node2"]["dtake-data-status"] = "Target node1 is pending. Data integrity not guaranteed."
+    ctl.script(r"--inactive -A$", stdout=crm_mon("node2", stale))
+    ctl.script(r"^crm_attribute --node \S+ --name standby")
+    ctl.script(r"^crm_resource --wait")
+    err = "Connection failed: peer speaks protocol version 2, this node 1 (error -157)"
+    status = {"connections": [{"target": "node1:6320", "state": "Error", "last_error": err}]}
+    remotes["node2"].script(r"dtake --json status$", stdout=json.dumps(status))
+    res = upgrade(NODES, scripted_connector(remotes), o, sync_timeout=0)
+    assert res.exit_code == EXIT_FAILED, res.render()
+    text = res.render()
+    assert "stopped before the move, resources stay on node2" in text
+    assert "Target node1 is pending" in text and err in text
+    assert not ctl.ran("--node node2 --name standby --update on")
+    assert not remotes["node2"].ran(r"dtsetup apply (?!.*--check)")
+    assert ctl.ran("--node node3 --name standby --update off")  # upgraded ones are back
