@@ -153,102 +153,120 @@ def parse_spec(text: str, *, source: str = "<spec>") -> ClusterSpec:
         findings.append(
             Finding("SPEC_SCHEMA", err.message, file=source, path=jp, line=_line_for(jp, lines))
         )
-    if findings:
-        raise SpecError(findings)
+    # The checks a schema cannot express run even when the schema found problems, so that
+    # every problem is reported at once; on data the schema rejected they may trip over a
+    # missing key or a wrong type: what they found until then is kept.
+    schema_failed = bool(findings)
 
     def at(code: str, jp: str, msg: str) -> None:
         findings.append(Finding(code, msg, file=source, path=jp, line=_line_for(jp, lines)))
 
-    c = data["cluster"]
-    nodes: list[Node] = []
-    seen_nodeids: set[int] = set()
-    for i, n in enumerate(c["nodes"]):
-        nodeid = int(n.get("nodeid", i + 1))
-        if nodeid in seen_nodeids:
-            at("SPEC_DUPLICATE", f"$.cluster.nodes[{i}].nodeid", f"nodeid {nodeid} used twice")
-        seen_nodeids.add(nodeid)
-        nodes.append(Node(n["name"], tuple(n["addrs"]), nodeid))
-    names = [n.name for n in nodes]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            at("SPEC_DUPLICATE", f"$.cluster.nodes[{i}].name", f"node {name!r} listed twice")
-    naddrs = {len(n.addrs) for n in nodes}
-    if len(naddrs) > 1:
-        at("SPEC_LINKS", "$.cluster.nodes", "every node needs the same number of addrs (links)")
-    quorum = c.get("quorum", {})
-    if quorum.get("two_node") and len(nodes) != 2:
-        at("SPEC_QUORUM", "$.cluster.quorum.two_node", "two_node needs exactly two nodes")
+    try:
+        c = data["cluster"]
+        nodes: list[Node] = []
+        seen_nodeids: set[int] = set()
+        for i, n in enumerate(c["nodes"]):
+            nodeid = int(n.get("nodeid", i + 1))
+            if nodeid in seen_nodeids:
+                at("SPEC_DUPLICATE", f"$.cluster.nodes[{i}].nodeid", f"nodeid {nodeid} used twice")
+            seen_nodeids.add(nodeid)
+            nodes.append(Node(n["name"], tuple(n["addrs"]), nodeid))
+        names = [n.name for n in nodes]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                at("SPEC_DUPLICATE", f"$.cluster.nodes[{i}].name", f"node {name!r} listed twice")
+        naddrs = {len(n.addrs) for n in nodes}
+        if len(naddrs) > 1:
+            at("SPEC_LINKS", "$.cluster.nodes", "every node needs the same number of addrs (links)")
+        quorum = c.get("quorum", {})
+        if quorum.get("two_node") and len(nodes) != 2:
+            at("SPEC_QUORUM", "$.cluster.quorum.two_node", "two_node needs exactly two nodes")
 
-    # ids: every id in the CIB must be unique, including the clones the shorthands create
-    ids: dict[str, str] = {}
+        # ids: every id in the CIB must be unique, including the clones the shorthands create
+        ids: dict[str, str] = {}
 
-    def claim(rid: str, jp: str) -> None:
-        if rid in ids:
-            at("SPEC_DUPLICATE", jp, f"id {rid!r} is already used at {ids[rid]}")
-        else:
-            ids[rid] = jp
-
-    resources = list(data.get("resources", []))
-    primitives: set[str] = set()
-    cloned: set[str] = set()
-    for i, r in enumerate(resources):
-        jp = f"$.resources[{i}]"
-        claim(r["id"], f"{jp}.id")
-        primitives.add(r["id"])
-        kind = r.get("type", "primitive")
-        if kind == "ReplicatedDisk":
-            claim(f"{r['id']}-clone", f"{jp}.id")
-            cloned.add(r["id"])
-            for j, owner in enumerate(r["owners"]):
-                if owner not in names:
-                    at(
-                        "SPEC_UNKNOWN_NODE",
-                        f"{jp}.owners[{j}]",
-                        f"owner {owner!r} is not a cluster node ({', '.join(names)})",
-                    )
-            for owner in r.get("addresses", {}):
-                if owner not in r["owners"]:
-                    at("SPEC_UNKNOWN_NODE", f"{jp}.addresses.{owner}", f"{owner!r} is not an owner")
-        elif "clone" in r:
-            claim(r["clone"].get("id", f"{r['id']}-clone"), f"{jp}.clone")
-            cloned.add(r["id"])
-    in_group: dict[str, str] = {}
-    groups = list(data.get("groups", []))
-    for i, g in enumerate(groups):
-        jp = f"$.groups[{i}]"
-        claim(g["id"], f"{jp}.id")
-        for j, member in enumerate(g["resources"]):
-            mp = f"{jp}.resources[{j}]"
-            if member not in primitives:
-                at("SPEC_UNKNOWN_RESOURCE", mp, f"{member!r} is not a resource of this spec")
-            elif member in cloned:
-                at("SPEC_GROUP_MEMBER", mp, f"{member!r} is a clone; a group holds primitives")
-            elif member in in_group:
-                at("SPEC_GROUP_MEMBER", mp, f"{member!r} is already in group {in_group[member]!r}")
+        def claim(rid: str, jp: str) -> None:
+            if rid in ids:
+                at("SPEC_DUPLICATE", jp, f"id {rid!r} is already used at {ids[rid]}")
             else:
-                in_group[member] = g["id"]
-    top_level = (
-        {gid for gid in (g["id"] for g in groups)}
-        | {f"{r}-clone" for r in cloned}
-        | {r["clone"]["id"] for r in resources if "clone" in r and "id" in r["clone"]}
-        | {p for p in primitives if p not in cloned and p not in in_group}
-        | set(primitives)  # a constraint may name a primitive inside a group or clone
-    )
-    cons = data.get("constraints", {})
-    for kind, keys in (
-        ("location", ("rsc",)),
-        ("colocation", ("rsc", "with")),
-        ("order", ("first", "then")),
-    ):
-        for i, con in enumerate(cons.get(kind, [])):
-            jp = f"$.constraints.{kind}[{i}]"
-            for key in keys:
-                if con[key] not in top_level:
-                    at("SPEC_UNKNOWN_RESOURCE", f"{jp}.{key}", f"{con[key]!r} is not a resource")
-            if kind == "location" and con["node"] not in names:
-                at("SPEC_UNKNOWN_NODE", f"{jp}.node", f"{con['node']!r} is not a cluster node")
-            if "id" in con:
-                claim(con["id"], f"{jp}.id")
+                ids[rid] = jp
+
+        resources = list(data.get("resources", []))
+        primitives: set[str] = set()
+        cloned: set[str] = set()
+        for i, r in enumerate(resources):
+            jp = f"$.resources[{i}]"
+            claim(r["id"], f"{jp}.id")
+            primitives.add(r["id"])
+            kind = r.get("type", "primitive")
+            if kind == "ReplicatedDisk":
+                claim(f"{r['id']}-clone", f"{jp}.id")
+                cloned.add(r["id"])
+                for j, owner in enumerate(r["owners"]):
+                    if owner not in names:
+                        at(
+                            "SPEC_UNKNOWN_NODE",
+                            f"{jp}.owners[{j}]",
+                            f"owner {owner!r} is not a cluster node ({', '.join(names)})",
+                        )
+                for owner in r.get("addresses", {}):
+                    if owner not in r["owners"]:
+                        at(
+                            "SPEC_UNKNOWN_NODE",
+                            f"{jp}.addresses.{owner}",
+                            f"{owner!r} is not an owner",
+                        )
+            elif "clone" in r:
+                claim(r["clone"].get("id", f"{r['id']}-clone"), f"{jp}.clone")
+                cloned.add(r["id"])
+        in_group: dict[str, str] = {}
+        groups = list(data.get("groups", []))
+        for i, g in enumerate(groups):
+            jp = f"$.groups[{i}]"
+            claim(g["id"], f"{jp}.id")
+            for j, member in enumerate(g["resources"]):
+                mp = f"{jp}.resources[{j}]"
+                if member not in primitives:
+                    at("SPEC_UNKNOWN_RESOURCE", mp, f"{member!r} is not a resource of this spec")
+                elif member in cloned:
+                    at("SPEC_GROUP_MEMBER", mp, f"{member!r} is a clone; a group holds primitives")
+                elif member in in_group:
+                    at(
+                        "SPEC_GROUP_MEMBER",
+                        mp,
+                        f"{member!r} is already in group {in_group[member]!r}",
+                    )
+                else:
+                    in_group[member] = g["id"]
+        top_level = (
+            {gid for gid in (g["id"] for g in groups)}
+            | {f"{r}-clone" for r in cloned}
+            | {r["clone"]["id"] for r in resources if "clone" in r and "id" in r["clone"]}
+            | {p for p in primitives if p not in cloned and p not in in_group}
+            | set(primitives)  # a constraint may name a primitive inside a group or clone
+        )
+        cons = data.get("constraints", {})
+        for kind, keys in (
+            ("location", ("rsc",)),
+            ("colocation", ("rsc", "with")),
+            ("order", ("first", "then")),
+        ):
+            for i, con in enumerate(cons.get(kind, [])):
+                jp = f"$.constraints.{kind}[{i}]"
+                for key in keys:
+                    if con[key] not in top_level:
+                        at(
+                            "SPEC_UNKNOWN_RESOURCE",
+                            f"{jp}.{key}",
+                            f"{con[key]!r} is not a resource",
+                        )
+                if kind == "location" and con["node"] not in names:
+                    at("SPEC_UNKNOWN_NODE", f"{jp}.node", f"{con['node']!r} is not a cluster node")
+                if "id" in con:
+                    claim(con["id"], f"{jp}.id")
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+        if not schema_failed:
+            raise
     if findings:
         raise SpecError(findings)
 

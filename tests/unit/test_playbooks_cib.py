@@ -261,3 +261,17 @@ def test_unknown_key_is_rejected_not_ignored() -> None:
         SPEC.replace("    directory: /srv/data", "    directory: /srv/data\n    owner: node1")
     )
     assert found[0][0] == "SPEC_SCHEMA" and found[0][1] == "$.resources[0]"
+
+
+def test_schema_and_reference_errors_are_reported_together() -> None:
+    bad = SPEC.replace("owners: [node1, node2]", "owners: [node1, node9]").replace(
+        "agent: ocf:heartbeat:Dummy", "agent: heartbeat-Dummy"
+    )
+    found = _codes(bad)
+    assert ("SPEC_SCHEMA", "$.resources[2].agent", 19) in found
+    assert ("SPEC_UNKNOWN_NODE", "$.resources[0].owners[1]", 13) in found
+
+
+def test_reference_checks_on_a_shape_the_schema_rejected_do_not_crash() -> None:
+    found = _codes("version: 1\ncluster: {name: x, nodes: 3}\nresources: [{id: 1}]\n")
+    assert found and {c for c, _, _ in found} == {"SPEC_SCHEMA"}
