@@ -41,9 +41,11 @@ __all__ = [
     "OCF_RUNNING_PROMOTED",
     "OCF_SUCCESS",
     "Action",
+    "Agent",
     "AgentError",
     "ControlClient",
     "Env",
+    "Handler",
     "Param",
     "Runner",
     "ServiceError",
@@ -380,6 +382,87 @@ def meta_data(
 
 # ---------------------------------------------------------------------------- dispatch
 Handler = Callable[[], int]
+
+
+class Agent:
+    """What both agents share: the control-socket client bounded by the op timeout, the
+    parameter checks of validate-all, meta-data, and ``main`` (environment -> dispatch).
+
+    A subclass sets the class attributes and defines ``validate``, ``start``, ``stop``
+    and ``monitor`` (and adds its own handlers through ``handlers``)."""
+
+    NAME = ""
+    SHORTDESC = ""
+    LONGDESC = ""
+    PARAMS: Sequence[Param] = ()
+    ACTIONS: Sequence[Action] = ()
+    USAGE = ""
+    CHOICES: Mapping[str, Sequence[str]] = {}  # parameter -> allowed values
+    NUMBERS: Sequence[str] = ()  # parameters that must be non-negative integers
+
+    MARGIN_S = 2.0  # kept back from the op timeout to return (and log) before pacemaker kills us
+
+    def __init__(self, env: Env, *, client: ControlClient | None = None) -> None:
+        import time
+
+        self.env = env
+        self.client = client or ControlClient(env.param("socket") or None)
+        self._clock = time.monotonic
+        self.deadline = self._clock() + max(1.0, env.timeout_s(30.0) - self.MARGIN_S)
+
+    def remaining(self) -> float:
+        """Seconds left of this action's op timeout (less the margin)."""
+        return max(0.0, self.deadline - self._clock())
+
+    def _call(self, cmd: str, timeout: float | None = None, **args: Any) -> Any:
+        """One request; its socket timeout never runs past the action's deadline, so the
+        calls of one action together stay within the op timeout."""
+        left = max(0.5, self.remaining())
+        return self.client.call(cmd, timeout=min(timeout or left, left), **args)
+
+    def check_params(self) -> None:
+        """CHOICES and NUMBERS: wrong on every node alike, so OCF_ERR_CONFIGURED."""
+        for name, allowed in self.CHOICES.items():
+            v = self.env.param(name)
+            if v and v not in allowed:
+                raise AgentError(
+                    OCF_ERR_CONFIGURED, f"{name} must be one of {', '.join(allowed)}, not {v!r}"
+                )
+        for name in self.NUMBERS:
+            v = self.env.param(name)
+            if v and not v.isdigit():
+                raise AgentError(OCF_ERR_CONFIGURED, f"{name} must be a number, not {v!r}")
+
+    def validate(self) -> int:
+        self.check_params()
+        return OCF_SUCCESS
+
+    def start(self) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> int:
+        raise NotImplementedError
+
+    def monitor(self) -> int:
+        raise NotImplementedError
+
+    def meta_data(self) -> int:
+        print(meta_data(self.NAME, self.SHORTDESC, self.LONGDESC, self.PARAMS, self.ACTIONS))
+        return OCF_SUCCESS
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "meta-data": self.meta_data,
+            "start": self.start,
+            "stop": self.stop,
+            "monitor": self.monitor,
+            "validate-all": self.validate,
+        }
+
+    @classmethod
+    def main(cls, argv: Sequence[str] | None = None) -> int:
+        env = Env.from_environ(list(argv if argv is not None else sys.argv), os.environ)
+        return dispatch(env, cls(env).handlers(), cls.USAGE)
 
 
 def dispatch(env: Env, handlers: Mapping[str, Handler], usage: str) -> int:

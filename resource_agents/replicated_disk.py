@@ -18,9 +18,8 @@ anchors-cluster.md §0, §2.1):
 from __future__ import annotations
 
 import os
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from ocfbase import (
     OCF_DEGRADED,
@@ -31,17 +30,17 @@ from ocfbase import (
     OCF_RUNNING_PROMOTED,
     OCF_SUCCESS,
     Action,
+    Agent,
     AgentError,
     ControlClient,
     Env,
+    Handler,
     Param,
     Runner,
     ServiceError,
     StateCache,
     SubprocessRunner,
-    dispatch,
     log,
-    meta_data,
 )
 
 TYPE_CHECKING = False  # typing costs ~10 ms to import; annotations are strings
@@ -50,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCORE_ACCEPTED",
+    "SCORE_BEHIND",
     "SCORE_CURRENT",
     "SCORE_FRESH",
     "SCORE_PROMOTED",
@@ -65,6 +65,7 @@ __all__ = [
 SCORE_PROMOTED = 10000  # the active copy keeps its role
 SCORE_ACCEPTED = 10000  # the operator chose this copy (grd accept / revert / flush)
 SCORE_CURRENT = 1000  # good data of the newest generation
+SCORE_BEHIND = 999  # the same, but another copy of that generation applied more after it
 SCORE_FRESH = 100  # nobody ever had data: the first online creates the baseline [L2543]
 SCORE_QUEUING = 10  # good data still in the target queue: promote drains it first [L3874]
 
@@ -164,10 +165,15 @@ USAGE = (
 
 
 # ---------------------------------------------------------------------------- pure rules
-def promotion_score(st: Mapping[str, Any], cluster_gen: int) -> int | None:
+def promotion_score(
+    st: Mapping[str, Any], cluster_gen: int, best_position: int | None = None
+) -> int | None:
     """The promotion score of this replica, or None (no score: never promoted).
 
-    ``cluster_gen``: the newest generation any node has published (this one included)."""
+    ``cluster_gen``: the newest generation any node has published (this one included).
+    ``best_position``: the highest sequence position published by a copy of that
+    generation (the tiebreak between copies of equal generation: the one that applied
+    the most after the generation's mirror completed is preferred)."""
     control = st.get("control", "")
     if control in ("failed", "testing"):
         return None
@@ -182,6 +188,8 @@ def promotion_score(st: Mapping[str, Any], cluster_gen: int) -> int | None:
         return None  # stale: another node had a newer generation
     data = st.get("data")
     if data == "good":
+        if best_position is not None and int(st.get("position", 0)) < best_position:
+            return SCORE_BEHIND
         return SCORE_CURRENT
     if data == "queuing":
         return SCORE_QUEUING
@@ -201,7 +209,7 @@ def pending_reason(st: Mapping[str, Any], cluster_gen: int) -> str | None:
             f"`dtake grd accept|reject {rsc} --node {node}`"
         )
     if promotion_score(st, cluster_gen) in (SCORE_CURRENT, SCORE_FRESH, SCORE_ACCEPTED):
-        return None
+        return None  # (SCORE_BEHIND is SCORE_CURRENT with a lower position: never here)
     gen = int(st.get("generation", 0))
     if st.get("data") == "good" and gen < cluster_gen:
         why = f"stale: generation {gen}, the cluster has seen {cluster_gen}"
@@ -214,19 +222,41 @@ def pending_reason(st: Mapping[str, Any], cluster_gen: int) -> str | None:
     )
 
 
-def parse_generations(cib_nodes_xml: str, resource: str) -> dict[str, int]:
-    """``cibadmin --query --scope nodes`` -> node -> published generation."""
+def parse_node_attr(cib_nodes_xml: str, name: str) -> dict[str, str]:
+    """``cibadmin --query --scope nodes`` -> node -> value of its permanent attribute NAME."""
     import re  # lazy: only when the CIB is read (~6 ms)
 
-    out: dict[str, int] = {}
-    attr = re.escape(f"dtake-{resource}-gen")
+    out: dict[str, str] = {}
+    attr = re.escape(name)
     # One chunk per <node ...> element (self-closing ones have no attributes).
     for chunk in re.split(r"(?=<node\b)", cib_nodes_xml)[1:]:
-        name = re.match(r"<node\b[^>]*?\buname=\"([^\"]+)\"", chunk)
-        v = re.search(rf"<nvpair\b[^>]*?name=\"{attr}\"[^>]*?value=\"(\d+)\"", chunk)
-        if name and v:
-            out[name.group(1)] = int(v.group(1))
+        node = re.match(r"<node\b[^>]*?\buname=\"([^\"]+)\"", chunk)
+        v = re.search(rf"<nvpair\b[^>]*?name=\"{attr}\"[^>]*?value=\"([^\"]*)\"", chunk)
+        if node and v:
+            out[node.group(1)] = v.group(1)
     return out
+
+
+def parse_generations(cib_nodes_xml: str, resource: str) -> dict[str, int]:
+    """node -> published generation (``dtake-<rsc>-gen``)."""
+    raw = parse_node_attr(cib_nodes_xml, f"dtake-{resource}-gen")
+    return {n: int(v) for n, v in raw.items() if v.isdigit()}
+
+
+def parse_positions(cib_nodes_xml: str, resource: str) -> dict[str, tuple[int, int]]:
+    """node -> (generation, position) published as ``dtake-<rsc>-pos`` = "GEN:POS"."""
+    out: dict[str, tuple[int, int]] = {}
+    for n, v in parse_node_attr(cib_nodes_xml, f"dtake-{resource}-pos").items():
+        gen, _, pos = v.partition(":")
+        if gen.isdigit() and pos.isdigit():
+            out[n] = (int(gen), int(pos))
+    return out
+
+
+def best_position(positions: Mapping[str, tuple[int, int]], generation: int) -> int | None:
+    """The highest position published for GENERATION (None: nobody published one)."""
+    same = [pos for gen, pos in positions.values() if gen == generation]
+    return max(same) if same else None
 
 
 def parse_peers(crm_node_l: str, me: str) -> list[str]:
@@ -240,7 +270,20 @@ def parse_peers(crm_node_l: str, me: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- agent
-class ReplicatedDisk:
+class ReplicatedDisk(Agent):
+    NAME = "ReplicatedDisk"
+    SHORTDESC = "Replicated directory (GeoCluster)"
+    LONGDESC, PARAMS, ACTIONS, USAGE = LONGDESC, PARAMS, ACTIONS, USAGE
+    CHOICES = {"mirror_type": MIRROR_TYPES, "compression": COMPRESSION, "orphans": ORPHANS}
+    NUMBERS = (
+        "port",
+        "compression_level",
+        "sourcefailoverdelay",
+        "target_queue_limit",
+        "target_queue_timeout",
+        "check_unresponsive_interval",
+    )
+
     def __init__(
         self,
         env: Env,
@@ -250,16 +293,13 @@ class ReplicatedDisk:
         cache: StateCache | None = None,
         sleep: Any = time.sleep,
     ) -> None:
-        self.env = env
+        super().__init__(env, client=client)
         self.rsc = env.instance
-        self.client = client or ControlClient(env.param("socket") or None)
         self.run: Runner = runner or SubprocessRunner()
         self.cache = cache or StateCache(self.rsc)
         self.sleep = sleep
 
     # -------------------------------------------------------------- helpers
-    def _call(self, cmd: str, timeout: float | None = None, **args: Any) -> Any:
-        return self.client.call(cmd, timeout=timeout or self.env.timeout_s(30.0), **args)
 
     def status(self) -> dict[str, Any] | None:
         try:
@@ -270,20 +310,33 @@ class ReplicatedDisk:
             return None  # no replica record here: never started on this node
         return st
 
-    def cluster_generation(self, st: Mapping[str, Any]) -> int | None:
-        """Newest generation in the cluster; in-band when receiving from a live source of our
-        own generation (no fork), else from the CIB. None when the CIB cannot be read."""
+    @staticmethod
+    def receiving(st: Mapping[str, Any]) -> bool:
+        """Fed by a live source of its own generation: current by construction."""
         gen = int(st.get("generation", 0))
-        if st.get("source_connected") and int(st.get("source_generation", -1)) == gen:
-            return gen
-        if st.get("role") == "Promoted":
-            return gen
+        return bool(st.get("source_connected")) and int(st.get("source_generation", -1)) == gen
+
+    def cluster_generation(self, st: Mapping[str, Any]) -> int | None:
+        view = self.cluster_view(st)
+        return None if view is None else view[0]
+
+    def cluster_view(self, st: Mapping[str, Any]) -> tuple[int, int | None] | None:
+        """(newest generation in the cluster, best position published for it); in-band
+        when receiving from a live source of our own generation (no fork), else from the
+        CIB. None when the CIB cannot be read."""
+        gen = int(st.get("generation", 0))
+        if self.receiving(st) or st.get("role") == "Promoted":
+            return gen, None
         rc, out = self.run(["cibadmin", "--query", "--scope", "nodes"], timeout=15)
         if rc != 0:
             return None
         gens = parse_generations(out, self.rsc)
         gens[self.env.node] = max(gen, gens.get(self.env.node, 0))
-        return max(gens.values(), default=gen)
+        newest = max(gens.values(), default=gen)
+        positions = parse_positions(out, self.rsc)
+        if st.get("data") == "good" and gen == newest:
+            positions[self.env.node] = (gen, int(st.get("position", 0)))
+        return newest, best_position(positions, newest)
 
     def _attr(self, name: str, value: str | None, *, lifetime: str = "reboot") -> None:
         key = f"attr:{name}"
@@ -331,27 +384,7 @@ class ReplicatedDisk:
             raise AgentError(OCF_ERR_CONFIGURED, "parameter directory is required")
         if not d.startswith("/") or os.path.normpath(d) == "/":
             raise AgentError(OCF_ERR_CONFIGURED, f"directory must be an absolute path, not {d!r}")
-        for name, allowed in (
-            ("mirror_type", MIRROR_TYPES),
-            ("compression", COMPRESSION),
-            ("orphans", ORPHANS),
-        ):
-            v = p(name)
-            if v and v not in allowed:
-                raise AgentError(
-                    OCF_ERR_CONFIGURED, f"{name} must be one of {', '.join(allowed)}, not {v!r}"
-                )
-        for name in (
-            "port",
-            "compression_level",
-            "sourcefailoverdelay",
-            "target_queue_limit",
-            "target_queue_timeout",
-            "check_unresponsive_interval",
-        ):
-            v = p(name)
-            if v and not v.isdigit():
-                raise AgentError(OCF_ERR_CONFIGURED, f"{name} must be a number, not {v!r}")
+        self.check_params()
         for item in p("addresses").split():
             if "=" not in item:
                 raise AgentError(OCF_ERR_CONFIGURED, f'addresses: "{item}" is not NODE=ADDRESS')
@@ -423,13 +456,21 @@ class ReplicatedDisk:
         exit_reason(reason)
 
     def _refresh_score(self, st: Mapping[str, Any]) -> str | None:
-        cluster_gen = self.cluster_generation(st)
-        if cluster_gen is None:
+        gen = int(st.get("generation", 0))
+        if gen and st.get("data") == "good" and not self.receiving(st):
+            # The source is gone: tell the other copies how far this one got, before
+            # reading theirs (forever: in the nodes section, read with the generations).
+            self._attr(
+                f"dtake-{self.rsc}-pos", f"{gen}:{int(st.get('position', 0))}", lifetime="forever"
+            )
+        view = self.cluster_view(st)
+        if view is None:
             # No CIB (no cluster, or it is busy): keep whatever score was published.
-            cluster_gen = int(st.get("generation", 0))
+            cluster_gen = gen
             self.publish(st, None, keep_score=True)
         else:
-            self.publish(st, promotion_score(st, cluster_gen))
+            cluster_gen, best = view
+            self.publish(st, promotion_score(st, cluster_gen, best))
         return pending_reason(st, cluster_gen)
 
     def _peers(self) -> list[dict[str, Any]]:
@@ -507,26 +548,13 @@ class ReplicatedDisk:
     def notify(self) -> int:
         return OCF_SUCCESS  # pacemaker ignores notify failures; nothing to do here
 
-    def meta_data(self) -> int:
-        print(
-            meta_data(
-                "ReplicatedDisk", "Replicated directory (GeoCluster)", LONGDESC, PARAMS, ACTIONS
-            )
-        )
-        return OCF_SUCCESS
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            **super().handlers(),
+            "promote": self.promote,
+            "demote": self.demote,
+            "notify": self.notify,
+        }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    env = Env.from_environ(list(argv if argv is not None else sys.argv), os.environ)
-    agent = ReplicatedDisk(env)
-    handlers = {
-        "meta-data": agent.meta_data,
-        "start": agent.start,
-        "stop": agent.stop,
-        "monitor": agent.monitor,
-        "promote": agent.promote,
-        "demote": agent.demote,
-        "notify": agent.notify,
-        "validate-all": agent.validate,
-    }
-    return dispatch(env, handlers, USAGE)
+main = ReplicatedDisk.main

@@ -17,8 +17,7 @@ restart ("Automatically Reconnect During Source Initialization" off [L2461]).
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from ocfbase import (
     OCF_DEGRADED,
@@ -27,15 +26,12 @@ from ocfbase import (
     OCF_NOT_RUNNING,
     OCF_SUCCESS,
     Action,
+    Agent,
     AgentError,
-    ControlClient,
-    Env,
     Param,
     ServiceError,
-    dispatch,
     exit_reason,
     log,
-    meta_data,
 )
 
 TYPE_CHECKING = False  # typing costs ~10 ms to import; annotations are strings
@@ -128,13 +124,12 @@ def connection_health(c: Mapping[str, Any]) -> tuple[int, str]:
     return OCF_SUCCESS, ""
 
 
-class SourceConnection:
-    def __init__(self, env: Env, *, client: ControlClient | None = None) -> None:
-        self.env = env
-        self.client = client or ControlClient(env.param("socket") or None)
-
-    def _call(self, cmd: str, timeout: float | None = None, **args: Any) -> Any:
-        return self.client.call(cmd, timeout=timeout or self.env.timeout_s(30.0), **args)
+class SourceConnection(Agent):
+    NAME = "SourceConnection"
+    SHORTDESC = "dtake source connection"
+    LONGDESC, PARAMS, ACTIONS, USAGE = LONGDESC, PARAMS, ACTIONS, USAGE
+    CHOICES = {"mirror_type": MIRROR_TYPES, "compression": COMPRESSION, "orphans": ORPHANS}
+    NUMBERS = ("port", "compression_level", "bandwidth")
 
     @property
     def host(self) -> str:
@@ -172,20 +167,7 @@ class SourceConnection:
         for r in self.rules():
             if not r.startswith("/"):
                 raise AgentError(OCF_ERR_CONFIGURED, f'rule "{r}" must start with an absolute path')
-        for name, allowed in (
-            ("mirror_type", MIRROR_TYPES),
-            ("compression", COMPRESSION),
-            ("orphans", ORPHANS),
-        ):
-            v = p(name)
-            if v and v not in allowed:
-                raise AgentError(
-                    OCF_ERR_CONFIGURED, f"{name} must be one of {', '.join(allowed)}, not {v!r}"
-                )
-        for name in ("port", "compression_level", "bandwidth"):
-            v = p(name)
-            if v and not v.isdigit():
-                raise AgentError(OCF_ERR_CONFIGURED, f"{name} must be a number, not {v!r}")
+        self.check_params()
         return OCF_SUCCESS
 
     def start(self) -> int:
@@ -227,7 +209,7 @@ class SourceConnection:
                     log("info", f"start: mirror not restarted: {exc.message}")
         # Start returns once the difference mirror is done when that fits in the op timeout
         # (dependents start right after us); a longer mirror goes on, shown as degraded.
-        wait = min(60.0, max(0.0, self.env.timeout_s(120.0) / 2))
+        wait = min(60.0, self.remaining() / 2)
         try:
             self._call("wait", timeout=wait + 5, con_id=int(c["id"]), timeout_s=wait)
         except ServiceError as exc:
@@ -259,7 +241,7 @@ class SourceConnection:
             return OCF_SUCCESS
         if c is None:
             return OCF_SUCCESS
-        drain = max(0.0, self.env.timeout_s(120.0) - 10.0)
+        drain = max(0.0, self.remaining() - 5.0)  # the disconnect needs the rest
         if c.get("state") == "Started" and drain > 0:
             try:
                 self._call("wait", timeout=drain + 5, con_id=c["id"], timeout_s=drain)
@@ -270,19 +252,5 @@ class SourceConnection:
         self._call("disconnect", con_id=c["id"])
         return OCF_SUCCESS
 
-    def meta_data(self) -> int:
-        print(meta_data("SourceConnection", "dtake source connection", LONGDESC, PARAMS, ACTIONS))
-        return OCF_SUCCESS
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    env = Env.from_environ(list(argv if argv is not None else sys.argv), os.environ)
-    agent = SourceConnection(env)
-    handlers = {
-        "meta-data": agent.meta_data,
-        "start": agent.start,
-        "stop": agent.stop,
-        "monitor": agent.monitor,
-        "validate-all": agent.validate,
-    }
-    return dispatch(env, handlers, USAGE)
+main = SourceConnection.main

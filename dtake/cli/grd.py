@@ -51,6 +51,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         s = g.add_parser(name, parents=[common], help=text)
         s.add_argument("resource")
         s.add_argument("--node", help="the node holding the replica (default: this node)")
+        if name == "revert-snapshot":
+            s.add_argument(
+                "--snapshot",
+                default="",
+                metavar="ID",
+                help="the snapshot to revert to (`dtake snapshot list DIR`; default: the latest)",
+            )
         if name != "status":
             s.add_argument(
                 "--no-refresh",
@@ -69,6 +76,10 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"  reason: {st['reason']}")
     if st.get("control"):
         lines.append(f"  operator control: {st['control']}")
+    if st.get("target_data_state") and st.get("role") != "Promoted":
+        lines.append(f"  target data state of this copy: {st['target_data_state']}")
+    if st.get("queued_bytes"):
+        lines.append(f"  target queue: {st['queued_bytes']} bytes not applied yet")
     if st.get("source_node"):
         lines.append(
             f"  source: {st['source_node']} generation {st['source_generation']} "
@@ -99,6 +110,8 @@ def _remote(args: argparse.Namespace, runner: Runner) -> int:
         argv.append("--json")
     if getattr(args, "no_refresh", False):
         argv.append("--no-refresh")
+    if getattr(args, "snapshot", ""):
+        argv += ["--snapshot", args.snapshot]
     r = runner(["ssh", "-o", "BatchMode=yes", args.node, *argv])
     if r.stdout:
         print(r.stdout, end="")
@@ -118,7 +131,10 @@ def run(args: argparse.Namespace, client: Client, *, runner: Runner = _run) -> i
         print(json.dumps(st, indent=1) if args.json else render_status(st))
         return 0
     user = os.environ.get("SUDO_USER") or os.environ.get("USER") or "root"
-    st = client.call("replica_control", resource=args.resource, action=args.grd_action, user=user)
+    extra = {"snapshot": args.snapshot} if getattr(args, "snapshot", "") else {}
+    st = client.call(
+        "replica_control", resource=args.resource, action=args.grd_action, user=user, **extra
+    )
     me = st.get("node") or _local_node()
     clone = _clone_of(args.resource, runner)
     if args.grd_action == "fail":

@@ -320,6 +320,7 @@ class ReplicaManager:
             if rec is None:
                 rec = ReplicaRecord(resource=str(name), directory=st.target_path)
                 self.replicas[rec.resource] = rec
+            previous = rec.target_uuid if rec.target_uuid != st.uuid else ""
             rec.source_node = str(req.get("source_node", ""))
             rec.source_generation = gen
             rec.target_uuid = st.uuid
@@ -332,6 +333,26 @@ class ReplicaManager:
                 rec.failures_since_mirror = 0
             self._touch(rec)
         self.save()
+        if previous:
+            self._drop_previous_queue(rec, previous)
+
+    def _drop_previous_queue(self, rec: ReplicaRecord, uuid: str) -> None:
+        """Another source took over this copy (a new promotion): what the previous one
+        left in the target queue (target paused, that source gone) is older than the
+        mirror that follows and must never be applied after it. Called without
+        self._lock (the old applier holds its copy's lock while it calls our hooks)."""
+        tqs = self._target_queue()
+        figures = getattr(tqs, "figures_for", None)
+        if figures is None or not int((figures(uuid) or {}).get("ops", 0)):
+            return
+        with contextlib.suppress(DtakeError):
+            res = tqs.discard(uuid, reason=f"superseded by the source {rec.source_node}")
+            log.warning(
+                "replica %s: %d queued ops of the previous source dropped (new source %s)",
+                rec.resource,
+                res.get("discarded_ops", 0),
+                rec.source_node,
+            )
 
     def _rec_for_target(self, st: TargetState) -> ReplicaRecord | None:
         for rec in self.replicas.values():
@@ -485,8 +506,10 @@ class ReplicaManager:
             queued = self._queued_bytes(rec)
             st = self.svc.target.states.get(rec.target_uuid) if rec.target_uuid else None
             seq = rec.sequence
+            position = 0  # ops applied since this generation's mirror completed
             if st is not None and rec.data == "good" and rec.source_generation == rec.generation:
                 seq = max(seq, st.last_seq)
+                position = max(0, st.last_seq - rec.sequence)
             return {
                 "resource": rec.resource,
                 "node": node,
@@ -494,6 +517,7 @@ class ReplicaManager:
                 "role": rec.role,
                 "generation": rec.generation,
                 "sequence": seq,
+                "position": position,
                 "history": list(rec.history),
                 "data": own,
                 "reason": reason,
@@ -507,6 +531,7 @@ class ReplicaManager:
                 "snapshots": len(snap_list),
                 "test_snapshot": rec.test_snapshot,
                 "blocked": self._is_blocked(rec.directory),
+                "target_data_state": getattr(st, "data_state", "") if st is not None else "",
                 "available": availability(
                     rec,
                     snapshots=snaps,
@@ -675,8 +700,12 @@ class ReplicaManager:
         return self.status(resource)
 
     # -------------------------------------------------------------- operator controls
-    def control(self, resource: str, action: str, user: str = "root") -> dict[str, Any]:
-        """One of the seed's six controls [L3386-3392] on this node's replica."""
+    def control(
+        self, resource: str, action: str, user: str = "root", snapshot: str = ""
+    ) -> dict[str, Any]:
+        """One of the seed's six controls [L3386-3392] on this node's replica.
+
+        SNAPSHOT: for revert-snapshot, the snapshot to revert to (default: the latest)."""
         if action not in ACTIONS:
             raise DtakeError(E.INVALID_OPTION, f"action must be one of {', '.join(ACTIONS)}")
         st = self.status(resource)
@@ -718,10 +747,19 @@ class ReplicaManager:
                 self._set_data(rec, "pending", f"data rejected by {user}")
                 self.svc.events.emit(10010, **ev)
             elif action == "revert-snapshot":
-                snaps = self._snapshot_list(rec)
-                self._snapshots().revert(rec.directory, str(snaps[-1].get("id")))
+                ids = [str(x.get("id")) for x in self._snapshot_list(rec)]
+                snap = snapshot or ids[-1]
+                if snap not in ids:
+                    raise DtakeError(
+                        E.INVALID_PARAMETER,
+                        f"no snapshot {snap!r} of {rec.directory}: {', '.join(ids)}",
+                    )
+                # By the copy's connection, so the data state recorded is this copy's:
+                # Snapshot Reverted [L2947], written before the data changes.
+                copy = rec.target_uuid if rec.target_uuid in self.svc.target.states else ""
+                self._snapshots().revert(copy or rec.directory, snap)
+                self._set_data(rec, "suspect", f"Snapshot Reverted: snapshot {snap} by {user}")
                 rec.control = "accepted"
-                rec.reason = f"reverted to snapshot {snaps[-1].get('id')} by {user}"
                 self.svc.events.emit(10007, **ev)
             elif action == "flush-target":
                 # Its data lacks what was queued: the operator takes it as it is, and

@@ -19,8 +19,8 @@ Requests (scans, block hashes) wait in the same queue: they must see the ops bef
 them applied. The paused flag persists across restarts.
 
 Discard (GeoCluster's Flush Target [L3387], control ``target_discard``): the ops of one
-session that were received but not applied are dropped, with the fire-and-forget data
-state notes queued among them (a later "OK" must not cover the hole). The copy then
+session that were received but not applied are dropped, with everything queued among
+them (a data state note "OK" must not cover the hole). The copy then
 misses changes of the source, so its data state becomes Mirror Required ("an operation
 may have been dropped on the target" [L2945]; good -> bad takes the automatic snapshot
 first), event 4065, and the session ends: nothing else from that source lands on a copy
@@ -47,7 +47,6 @@ __all__ = [
     "SessionQueue",
     "TargetQueues",
     "ack_fields",
-    "discardable",
     "frame_source",
     "install_target_queue",
     "tq_figures",
@@ -58,20 +57,6 @@ log = logging.getLogger("dtake.target")
 FEATURE_KEY = "dtake.service.targetqueue"
 STORE = "target_pause.json"
 _STATUS_EVERY = 1.0  # while held, tell the source how the target queue stands
-
-
-def discardable(mtype: Any, obj: Any) -> bool:
-    """What a discard drops: ops, and the in-band data state notes nobody waits for."""
-    from dtake.protocol.framing import MsgType
-
-    if mtype == MsgType.OPS:
-        return True
-    return (
-        mtype == MsgType.REQUEST
-        and isinstance(obj, dict)
-        and obj.get("op") == "data_state"
-        and int(obj.get("id", 0)) < 0
-    )
 
 
 def _frame_cost(mtype: Any, obj: Any) -> tuple[int, int]:
@@ -163,20 +148,12 @@ class SessionQueue:
         return self.recv_obj()
 
     def discard(self) -> tuple[int, int]:
-        """Drop the queued ops (and the data state notes among them) and end the session:
-        (ops, bytes) dropped. Requests somebody waits for and pings stay."""
+        """Drop every queued frame and end the session: (ops, bytes) dropped. Requests
+        go too: the session ends, so no answer could reach the source anyway."""
         with self.cond:
-            kept: deque[tuple[Any, Any, int, int]] = deque()
-            ops = size = 0
-            for frame in self.frames:
-                if discardable(frame[0], frame[1]):
-                    ops += frame[2]
-                    size += frame[3]
-                else:
-                    kept.append(frame)
-            self.frames = kept
-            self.ops -= ops
-            self.bytes -= size
+            ops, size = self.ops, self.bytes
+            self.frames.clear()
+            self.ops = self.bytes = 0
             if self._error is None:
                 self._error = EOFError("target queue discarded")
             self.cond.notify_all()

@@ -13,11 +13,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from lab import Lab, NodeCommandError
+from lab import Lab, LabTimeout, NodeCommandError
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -80,7 +81,7 @@ def grd(lab: Lab, node: str, *args: str, check: bool = True) -> str:
     return r.stdout + r.stderr
 
 
-def replica(lab: Lab, node: str) -> dict[str, object]:
+def replica(lab: Lab, node: str) -> dict[str, Any]:
     import json
 
     out = lab.exec(node, [DTAKE, "--json", "grd", "status", RSC]).stdout
@@ -107,7 +108,10 @@ def wait_promoted(lab: Lab, via: str, *, not_on: str | None = None) -> str:
         p = promoted(lab, via)
         return p[0] if len(p) == 1 and p[0] != not_on else None
 
-    return lab.wait_for(ok, WAIT, interval=0.5, what=f"one promoted {RSC} (not {not_on})")
+    try:
+        return lab.wait_for(ok, WAIT, interval=0.5, what=f"one promoted {RSC} (not {not_on})")
+    except LabTimeout as exc:
+        raise AssertionError(f"{exc}\n{diagnose(lab)}") from None
 
 
 def digest(lab: Lab, node: str, path: str = DIR) -> str:
@@ -117,12 +121,33 @@ def digest(lab: Lab, node: str, path: str = DIR) -> str:
 
 
 def wait_same(lab: Lab, a: str, b: str, path: str = DIR) -> None:
-    lab.wait_for(
-        lambda: digest(lab, a, path) == digest(lab, b, path),
-        WAIT,
-        interval=0.5,
-        what=f"{path} identical on {a} and {b}",
-    )
+    try:
+        lab.wait_for(
+            lambda: digest(lab, a, path) == digest(lab, b, path),
+            WAIT,
+            interval=0.5,
+            what=f"{path} identical on {a} and {b}",
+        )
+    except LabTimeout:
+        da, db = set(digest(lab, a, path).splitlines()), set(digest(lab, b, path).splitlines())
+        diag = f"only on {a}: {sorted(da - db)[:5]}\nonly on {b}: {sorted(db - da)[:5]}\n"
+        raise AssertionError(f"{path} differs on {a} and {b}:\n{diag}{diagnose(lab)}") from None
+
+
+def diagnose(lab: Lab) -> str:
+    """What a failed wait shows: pacemaker's operations (exec times, exit reasons) and
+    each running node's dtake status, replica and log tail."""
+    out = []
+    for n in lab.nodes:
+        if not lab.running(n):
+            out.append(f"--- {n}: not running")
+            continue
+        cmd = (
+            f"crm_mon -1 -A -f -o -t 2>&1 | tail -40; {DTAKE} status; "
+            f"{DTAKE} grd status {RSC}; tail -12 /var/log/dtake/dtake.log"
+        )
+        out.append(f"--- {n}\n" + lab.exec(n, cmd, check=False, timeout=60).stdout[-5000:])
+    return "\n".join(out)
 
 
 def wait_idle(lab: Lab, node: str) -> None:
@@ -138,6 +163,36 @@ def reboot(lab: Lab, node: str) -> None:
     """Power the node on again after a kill and restart its dtake service (no systemd)."""
     lab.start(node)
     start_service(lab, node)
+
+
+def connections(lab: Lab, node: str) -> list[dict[str, Any]]:
+    import json
+
+    return list(json.loads(lab.exec(node, [DTAKE, "--json", "status"]).stdout)["connections"])
+
+
+def make_survivors_pending(lab: Lab, p: str) -> list[str]:
+    """Owners of P go pending: a full mirror is started while transmission is paused."""
+    survivors = [n for n in lab.nodes if n != p]
+    for c in connections(lab, p):
+        lab.exec(p, [DTAKE, "transmit", "pause", str(c["id"])])
+        lab.exec(p, [DTAKE, "mirror", "start", str(c["id"]), "--mode", "full"])
+    for n in survivors:
+        lab.wait_for(lambda n=n: replica(lab, n)["data"] == "pending", WAIT, what=f"{n} pending")
+    return survivors
+
+
+def kill_and_wait_pending(lab: Lab, p: str, via: str) -> None:
+    lab.kill(p)
+
+    def pending_shown() -> bool:
+        st = lab.cluster_status(via)
+        out = lab.exec(via, ["crm_mon", "-1", "-A"]).stdout
+        return not st.nodes[p].online and "is pending. Data integrity not guaranteed." in out
+
+    lab.wait_for(pending_shown, WAIT, interval=1, what="online pending shown by crm_mon -A")
+    lab.exec(via, ["crm_resource", "--wait", "--timeout=60s"], timeout=90, check=False)
+    assert promoted(lab, via) == [], "a stale replica was promoted automatically"
 
 
 CLONE_XML = f"""
@@ -207,39 +262,19 @@ def test_source_connection_moves_with_its_group(cluster: Lab) -> None:
       <nvpair id="sc-tpath" name="target_path" value="/srv/sc-target"/>
       <nvpair id="sc-orphans" name="orphans" value="delete"/>
     </instance_attributes>
-    <operations><op id="sc-mon" name="monitor" interval="5s" timeout="30s"/></operations>
+    <operations>
+      <op id="sc-mon" name="monitor" interval="5s" timeout="30s"/>
+      <op id="sc-start" name="start" interval="0" timeout="120s"/>
+      <op id="sc-stop" name="stop" interval="0" timeout="120s"/>
+    </operations>
   </primitive>
 </group>"""
     lab.exec("node1", ["cibadmin", "-C", "-o", "resources", "-X", xml])
     lab.exec("node1", ["crm_resource", "--ban", "-r", "scg", "-N", target, "--quiet"])
     try:
-        first = lab.wait_for(
-            lambda: (lambda w: w[0] if len(w) == 1 else None)(
-                lab.cluster_status("node1").running_on("sc")
-            ),
-            WAIT,
-            what="sc running",
-        )
-        lab.wait_for(
-            lambda: digest(lab, first, data) == digest(lab, target, "/srv/sc-target"),
-            WAIT,
-            what="target mirrored",
-        )
-        other = "node2" if first == "node1" else "node1"
-        lab.exec(other, f"echo moved > {data}/after-move")  # shared-disk stand-in
-        lab.exec("node1", ["crm_resource", "--move", "-r", "scg", "-N", other, "--quiet"])
-        lab.wait_for(
-            lambda: lab.cluster_status("node1").running_on("sc") == [other],
-            WAIT,
-            what="sc moved with its group",
-        )
-        # the connection resumed from the new node with a difference mirror
-        lab.wait_for(
-            lambda: digest(lab, other, data) == digest(lab, target, "/srv/sc-target"),
-            WAIT,
-            what="difference mirror after the move",
-        )
-        assert lab.exec(first, [DTAKE, "status"]).stdout.count(" sc ") == 0
+        _source_connection_moves(lab, data, target)
+    except LabTimeout as exc:
+        raise AssertionError(f"{exc}\n{diagnose(lab)}") from None
     finally:
         lab.exec("node1", ["crm_resource", "--clear", "-r", "scg", "--quiet"], check=False)
         # Leave the cluster as we found it: the tests after this one kill nodes.
@@ -254,6 +289,32 @@ def test_source_connection_moves_with_its_group(cluster: Lab) -> None:
         lab.exec(
             "node1", ["cibadmin", "-D", "-o", "resources", "-X", '<group id="scg"/>'], check=False
         )
+
+
+def _source_connection_moves(lab: Lab, data: str, target: str) -> None:
+    first = lab.wait_for(
+        lambda: (lambda w: w[0] if len(w) == 1 else None)(
+            lab.cluster_status("node1").running_on("sc")
+        ),
+        WAIT,
+        what="sc running",
+    )
+
+    def same(src: str) -> bool:  # the external target holds exactly the source's data
+        return digest(lab, src, data) == digest(lab, target, "/srv/sc-target")
+
+    lab.wait_for(lambda: same(first), WAIT, what="target mirrored")
+    other = "node2" if first == "node1" else "node1"
+    lab.exec(other, f"echo moved > {data}/after-move")  # shared-disk stand-in
+    lab.exec("node1", ["crm_resource", "--move", "-r", "scg", "-N", other, "--quiet"])
+    lab.wait_for(
+        lambda: lab.cluster_status("node1").running_on("sc") == [other],
+        WAIT,
+        what="sc moved with its group",
+    )
+    # the connection resumed from the new node with a difference mirror
+    lab.wait_for(lambda: same(other), WAIT, what="difference mirror after the move")
+    assert lab.exec(first, [DTAKE, "status"]).stdout.count(" sc ") == 0
 
 
 def test_promoted_once_writable_others_read_only(cluster: Lab) -> None:
@@ -314,26 +375,8 @@ def test_kill_active_fails_over_with_every_acknowledged_write(cluster: Lab) -> N
 def test_stale_survivors_are_online_pending_until_the_operator_acts(cluster: Lab) -> None:
     lab = cluster
     p = wait_promoted(lab, "node1")
-    survivors = [n for n in lab.nodes if n != p]
-    import json
-
-    conns = json.loads(lab.exec(p, [DTAKE, "--json", "status"]).stdout)["connections"]
-    for c in conns:  # a mirror that never completes: the owners' copies go pending
-        lab.exec(p, [DTAKE, "transmit", "pause", str(c["id"])])
-        lab.exec(p, [DTAKE, "mirror", "start", str(c["id"]), "--mode", "full"])
-    for n in survivors:
-        lab.wait_for(lambda n=n: replica(lab, n)["data"] == "pending", WAIT, what=f"{n} pending")
-    lab.kill(p)
-    a, b = survivors
-
-    def pending_shown() -> bool:
-        st = lab.cluster_status(a)
-        out = lab.exec(a, ["crm_mon", "-1", "-A"]).stdout
-        return not st.nodes[p].online and "is pending. Data integrity not guaranteed." in out
-
-    lab.wait_for(pending_shown, WAIT, interval=1, what="online pending shown by crm_mon -A")
-    lab.exec(a, ["crm_resource", "--wait", "--timeout=60s"], timeout=90, check=False)
-    assert promoted(lab, a) == [], "a stale replica was promoted automatically"
+    a, b = make_survivors_pending(lab, p)  # a mirror that never completes
+    kill_and_wait_pending(lab, p, a)
     # Fail Resource on A: never promoted there, banned from the promoted role
     grd(lab, a, "fail", RSC)
     assert replica(lab, a)["control"] == "failed"
@@ -341,7 +384,7 @@ def test_stale_survivors_are_online_pending_until_the_operator_acts(cluster: Lab
     assert f'node="{a}"' in cons and "Promoted" in cons
     # Flush Target: nothing queued -> refused with the reason
     out = grd(lab, b, "flush-target", RSC, check=False)
-    assert "not available" in out or "empty" in out
+    assert "the target queue is empty" in out, out
     # Test Data -> Reject -> Test Data -> Accept on B
     grd(lab, b, "test-data", RSC)
     assert replica(lab, b)["control"] == "testing"
@@ -354,8 +397,83 @@ def test_stale_survivors_are_online_pending_until_the_operator_acts(cluster: Lab
     events = lab.exec(b, [DTAKE, "events"]).stdout
     for ev in ("10009", "10010", "10011", "10012"):
         assert ev in events
-    # the failed node stays a target and follows the new source
-    grd(lab, a, "accept", RSC, "--no-refresh", check=False)  # lifts the ban for later tests
+    # The failed node stays a target and follows the new source; its mirror end clears
+    # the control. Lift the ban for the later tests (not with accept: an accepted copy
+    # keeps the top score).
+    wait_same(lab, b, a)
+    lab.wait_for(lambda: replica(lab, a)["control"] == "", WAIT, what=f"{a} failed no more")
+    lab.exec(a, ["crm_resource", "--clear", "--promoted", "-r", CLONE, "-N", a, "--quiet"])
+    reboot(lab, p)
+    wait_same(lab, b, p)
+
+
+def test_flush_target_discards_the_target_queue_then_promotes(cluster: Lab) -> None:
+    lab = cluster
+    p = wait_promoted(lab, "node1")
+    a, b = make_survivors_pending(lab, p)
+    for n in (a, b):  # the owners hold what arrives in their target queue
+        lab.exec(n, [DTAKE, "target", "pause"])
+    try:
+        for c in connections(lab, p):
+            lab.exec(p, [DTAKE, "transmit", "resume", str(c["id"])])
+        lab.exec(p, f"seq 1 50 | while read i; do echo q$i > {DIR}/queued$i; done")
+        for n in (a, b):
+            lab.wait_for(
+                lambda n=n: replica(lab, n)["queued_bytes"] > 0,
+                WAIT,
+                what=f"data in the target queue of {n}",
+            )
+        before = digest(lab, b)
+        kill_and_wait_pending(lab, p, a)
+        st = replica(lab, b)
+        assert st["data"] == "pending" and st["queued_bytes"] > 0, st
+        assert not st["available"]["flush-target"], st["available"]
+        out = grd(lab, b, "status", RSC)
+        assert "is pending. Data integrity not guaranteed." in out and "target queue:" in out
+        grd(lab, b, "flush-target", RSC)
+        assert wait_promoted(lab, a) == b  # pacemaker promotes with no further step
+        assert "10008" in lab.exec(b, [DTAKE, "events"]).stdout
+        st = replica(lab, b)
+        assert st["role"] == "Promoted" and st["queued_bytes"] == 0, st
+        # Nothing of the discarded queue was applied: the tree is what it was.
+        assert digest(lab, b) == before
+    finally:
+        for n in (a, b):
+            lab.exec(n, [DTAKE, "target", "resume"], check=False)
+    # A's own queue (from the dead source) is dropped when B's connection opens; it
+    # then follows B exactly.
+    wait_same(lab, b, a)
+    reboot(lab, p)
+    wait_same(lab, b, p)
+
+
+def test_revert_snapshot_reverts_the_stale_copy_then_promotes(cluster: Lab) -> None:
+    import json
+
+    lab = cluster
+    p = wait_promoted(lab, "node1")
+    b = next(n for n in lab.nodes if n != p)
+    lab.exec(p, f"mkdir -p {DIR}/snap && echo one > {DIR}/snap/kept")
+    wait_idle(lab, p)
+    wait_same(lab, p, b)
+    snap = json.loads(lab.exec(b, [DTAKE, "--json", "snapshot", "take", DIR]).stdout)
+    at_snapshot = digest(lab, b)
+    lab.exec(p, f"echo two > {DIR}/snap/later && echo changed > {DIR}/snap/kept")
+    wait_idle(lab, p)
+    wait_same(lab, p, b)
+    assert digest(lab, b) != at_snapshot
+    survivors = make_survivors_pending(lab, p)
+    a = next(n for n in survivors if n != b)
+    kill_and_wait_pending(lab, p, a)
+    assert not replica(lab, b)["available"]["revert-snapshot"]
+    grd(lab, b, "revert-snapshot", RSC, "--snapshot", str(snap["id"]), "--no-refresh")
+    st = replica(lab, b)
+    assert (st["target_data_state"], st["control"]) == ("Snapshot Reverted", "accepted"), st
+    assert digest(lab, b) == at_snapshot  # the tree is the snapshot's
+    lab.exec(b, ["crm_resource", "--refresh", "-r", RSC, "-N", b])
+    assert wait_promoted(lab, a) == b
+    assert "10007" in lab.exec(b, [DTAKE, "events"]).stdout
+    assert digest(lab, b) == at_snapshot
     wait_same(lab, b, a)
     reboot(lab, p)
     wait_same(lab, b, p)

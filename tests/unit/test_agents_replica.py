@@ -118,6 +118,9 @@ def test_generation_is_learned_in_band_and_only_on_mirror_end(tmp_path: Path) ->
     mgr.target_barrier(st, Op(OpKind.BARRIER, seq=12, tags={"mirror_end": True}))  # type: ignore[arg-type]
     s = mgr.status("r")
     assert (s["data"], s["generation"], s["sequence"]) == ("good", 7, 12)
+    st.last_seq = 20  # real-time ops applied after the mirror end: the tiebreak position
+    s = mgr.status("r")
+    assert (s["sequence"], s["position"]) == (20, 8)
     # persisted: a restarted service knows the generation
     mgr2, _ = make(tmp_path)
     assert mgr2.replicas["r"].generation == 7

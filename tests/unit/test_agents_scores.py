@@ -149,6 +149,51 @@ def test_monitor_good_current_publishes_once(tmp_path: Path) -> None:
     assert [c[0] for c in tools.calls] == ["cibadmin"]
 
 
+POS_XML = (
+    "<nodes>"
+    '<node id="1" uname="node1"><instance_attributes id="a">'
+    '<nvpair id="x" name="dtake-r-gen" value="3"/>'
+    '<nvpair id="p" name="dtake-r-pos" value="3:{p1}"/></instance_attributes></node>'
+    '<node id="3" uname="node3"><instance_attributes id="b">'
+    '<nvpair id="y" name="dtake-r-gen" value="2"/>'
+    '<nvpair id="q" name="dtake-r-pos" value="2:900"/></instance_attributes></node>'
+    "</nodes>"
+)
+
+
+def test_parse_positions_and_best_of_a_generation() -> None:
+    pos = rd.parse_positions(POS_XML.format(p1=40), "r")
+    assert pos == {"node1": (3, 40), "node3": (2, 900)}
+    assert rd.best_position(pos, 3) == 40  # node3's 900 is of an older generation
+    assert rd.best_position(pos, 4) is None
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "want"), [(50, 40, 1000), (40, 40, 1000), (30, 40, 999)]
+)
+def test_equal_generations_tie_on_the_position(
+    tmp_path: Path, mine: int, theirs: int, want: int
+) -> None:
+    """Two good copies of generation 3, their source gone: the one that applied more after
+    the generation's mirror gets the higher score; both stay promotable."""
+    tools = Tools(POS_XML.format(p1=theirs))
+    a = agent(tmp_path, {"replica_status": st(position=mine)}, tools)
+    assert a.monitor() == ocfbase.OCF_SUCCESS
+    published = [c for c in tools.calls if "dtake-r-pos" in c]
+    assert published and published[0][-1] == f"3:{mine}" and "forever" in published[0]
+    assert tools.calls.index(published[0]) < [c[0] for c in tools.calls].index("cibadmin")
+    score = [c for c in tools.calls if "-p" in c]
+    assert score[0][-1] == str(want)
+    assert rd.promotion_score(st(position=mine), 3, theirs) == want
+
+
+def test_a_receiving_copy_does_not_publish_its_position(tmp_path: Path) -> None:
+    tools = Tools()
+    a = agent(tmp_path, {"replica_status": st(source_connected=True, position=7)}, tools)
+    assert a.monitor() == ocfbase.OCF_SUCCESS
+    assert not [c for c in tools.calls if "dtake-r-pos" in c]
+
+
 def test_monitor_in_band_generation_needs_no_fork(tmp_path: Path) -> None:
     tools = Tools()
     a = agent(tmp_path, {"replica_status": st(source_connected=True)}, tools)
@@ -265,3 +310,23 @@ def test_monitor_imports_stay_thin() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_calls_of_one_action_share_its_op_timeout() -> None:
+    """SourceConnection start once ran past pacemaker's default 20 s: every call had the
+    whole op timeout. Now the calls of one action share it (less a margin)."""
+    env = ocfbase.Env("start", {}, {"timeout": "20000"}, "sc", "node1")
+    client = FakeClient({"status": {"connections": []}})
+    seen: list[float] = []
+    client.call = lambda cmd, timeout=None, **a: seen.append(timeout) or {}  # type: ignore[method-assign]
+    now = [100.0]
+    agent = sc.SourceConnection(env, client=client)  # type: ignore[arg-type]
+    agent._clock = lambda: now[0]
+    agent.deadline = now[0] + 18.0
+    agent._call("status")
+    now[0] += 15.0
+    agent._call("wait", timeout=60.0)
+    now[0] += 10.0
+    agent._call("disconnect")
+    assert seen == [18.0, 3.0, 0.5]
+    assert min(60.0, agent.remaining() / 2) == 0.0

@@ -16,7 +16,7 @@ from dtake.service.daemon import Store
 from dtake.service.events import EventLog
 from dtake.service.replica import ReplicaManager
 from dtake.service.target import TargetState
-from dtake.service.targetqueue import TargetQueues, discardable
+from dtake.service.targetqueue import TargetQueues
 
 
 class Wire:
@@ -77,13 +77,6 @@ def queued(tmp_path: Path, frames: list[tuple[Any, Any]]) -> tuple[Any, TargetQu
     return svc, tqs, sq
 
 
-def test_only_ops_and_unanswered_data_state_notes_are_discardable() -> None:
-    assert discardable(MsgType.OPS, [op(1)])
-    assert discardable(MsgType.REQUEST, {"id": -1, "op": "data_state", "state": "OK"})
-    assert not discardable(MsgType.REQUEST, {"id": 3, "op": "scan"})  # somebody waits
-    assert not discardable(MsgType.PING, {})
-
-
 def test_discard_drops_the_queue_marks_mirror_required_and_ends_the_session(
     tmp_path: Path,
 ) -> None:
@@ -98,15 +91,13 @@ def test_discard_drops_the_queue_marks_mirror_required_and_ends_the_session(
     res = tqs.discard("u1", reason="target queue discarded by alice")
     assert (res["discarded_ops"], res["conn_id"], res["data_state"]) == (3, 4, "Mirror Required")
     assert res["discarded_bytes"] > 300
-    assert tqs.figures_for("u1")["ops"] == 0
-    assert [f[0] for f in sq.frames] == [MsgType.REQUEST]  # the answered request stays
+    assert tqs.figures_for("u1") == {"ops": 0, "bytes": 0}
+    assert not sq.frames  # the request goes too: its answer could not reach the source
     st = svc.target.states["u1"]
     assert st.data_state_reason == "target queue discarded by alice"
     assert 4065 in svc.events.ids()
     assert sq.fs.closed.is_set()
-    # The applier gets the kept request, then the end of the session, even while paused.
-    tqs.paused = False
-    assert sq.recv_obj()[1]["op"] == "scan"
+    # The applier gets the end of the session, even while paused.
     with pytest.raises(EOFError):
         sq.recv_obj()
 
@@ -152,3 +143,17 @@ def test_flush_target_control_from_pending(tmp_path: Path) -> None:
     assert 10008 in svc.events.ids()
     assert auto == ["target queue discarded by alice"]  # good -> bad: snapshot first
     assert "empty" in st["available"]["flush-target"]
+
+
+def test_a_new_source_drops_what_the_previous_one_left_queued(tmp_path: Path) -> None:
+    svc, tqs, sq = queued(tmp_path, [(MsgType.OPS, [op(1), op(2)])])
+    snaps = SimpleNamespace(take_auto=lambda st, reason, locked: None, list=lambda d: [])
+    svc.features["dtake.service.datafeatures"] = SimpleNamespace(snapshots=snaps, blocker=None)
+    mgr = ReplicaManager(svc)  # type: ignore[arg-type]
+    mgr.start("r", "/srv/r")
+    mgr.replicas["r"].target_uuid = "u1"  # the previous source's connection
+    new = TargetState(uuid="u2", target_path="/srv/r", source_node="node3", repset="r", conn_id=1)
+    mgr.target_opened(new, {"replica": "r", "generation": 5, "source_node": "node3"})
+    assert tqs.figures_for("u1")["ops"] == 0 and sq.fs.closed.is_set()
+    rec = mgr.replicas["r"]
+    assert (rec.target_uuid, rec.source_generation, rec.data) == ("u2", 5, "pending")
