@@ -9,25 +9,12 @@ CRLF line ends or be UTF-16; all are read.
 
 from __future__ import annotations
 
-import codecs
 from pathlib import Path
 
 from dtsetup.reports import Code, Report, error
-from dtsetup.source import RawDocument, RawEntry, RawSection
+from dtsetup.source import RawDocument, RawEntry, RawSection, decode, read_with
 
-__all__ = ["decode", "load", "parse"]
-
-
-def decode(data: bytes) -> str:
-    """Decode a DTSetup.ini as Windows tools write it: UTF-16 with BOM, UTF-8 (BOM or not),
-    else cp1252 (the ANSI code page of the Windows that made the file)."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        # A cut-off or corrupt file must give a located report, not a traceback.
-        return data.decode("utf-16", errors="replace")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
+__all__ = ["decode", "load", "parse"]  # decode: the shared reader's (dtsetup.source)
 
 
 def _unquote(value: str) -> str:
@@ -82,31 +69,22 @@ def parse(text: str, file: str) -> tuple[RawDocument, list[Report]]:
             current, duplicate_section = RawSection(name=name, line=lineno), False
             doc.sections[name] = current
             continue
-        if "=" not in line:
-            reports.append(
-                error(
-                    Code.INI_SYNTAX,
-                    "expected KEY=value, a [Section] header, a comment or a blank line",
-                    file=file,
-                    line=lineno,
-                    section=current.name if current else None,
-                )
-            )
-            continue
-        written_key, _, value = line.partition("=")
+        written_key, equals, value = line.partition("=")
         written_key = written_key.strip()
-        key = written_key.upper()
-        if not written_key:
+        if not equals or not written_key:  # not a KEY=value entry
             reports.append(
                 error(
                     Code.INI_SYNTAX,
-                    "missing key name before '='",
+                    "missing key name before '='"
+                    if equals
+                    else "expected KEY=value, a [Section] header, a comment or a blank line",
                     file=file,
                     line=lineno,
                     section=current.name if current else None,
                 )
             )
             continue
+        key = written_key.upper()
         if current is None:
             if not duplicate_section:
                 reports.append(
@@ -144,11 +122,4 @@ def parse(text: str, file: str) -> tuple[RawDocument, list[Report]]:
 
 
 def load(path: Path, *, text: str | None = None) -> tuple[RawDocument, list[Report]]:
-    if text is None:
-        try:
-            text = decode(path.read_bytes())
-        except OSError as exc:
-            return RawDocument(file=str(path)), [
-                error(Code.FILE_UNREADABLE, f"cannot read: {exc.strerror}", file=str(path))
-            ]
-    return parse(text, str(path))
+    return read_with(parse, path, text=text)

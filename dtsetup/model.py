@@ -17,7 +17,7 @@ from typing import Any
 
 from dtsetup import paths
 from dtsetup.reports import Code, Report, Severity, error, has_errors, warning
-from dtsetup.schema import SECRET_KEYS, iter_issues
+from dtsetup.schema import KEYS, SECRET_KEYS, iter_issues  # KEYS: re-exported, export order
 from dtsetup.source import RawDocument, RawEntry, load_document
 
 __all__ = [
@@ -32,20 +32,6 @@ __all__ = [
 ]
 
 CONFIG_SECTION = "Config"
-
-# Key order of the seed's sample [L566-584]; export writes keys in this order.
-KEYS: tuple[str, ...] = (
-    "DTSETUPTYPE",
-    "DTACTIVATIONCODE",
-    "DOUBLETAKEFOLDER",
-    "QMEMORYBUFFERMAX",
-    "DISKQUEUEFOLDER",
-    "DISKQUEUEMAXSIZE",
-    "DISKFREESPACEMIN",
-    "DTSERVICESTARTUP",
-    "PORT",
-    "SET_FWPORT",
-)
 
 # Built-in defaults: the seed's "hard-coded default" [L638] made Linux-shaped.
 DEFAULTS: dict[str, Any] = {

@@ -7,14 +7,16 @@ script the calls with :class:`ScriptedRunner` (the project's own test double, as
 
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 __all__ = ["CommandFailed", "Completed", "Runner", "ScriptedRunner", "SubprocessRunner"]
+
+Env = Mapping[str, str] | None  # extra environment variables for one command
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,33 +41,37 @@ class CommandFailed(Exception):
         super().__init__(f"{' '.join(result.argv)} exited {result.returncode}: {tail}")
 
 
-class Runner(Protocol):
+class Runner(abc.ABC):
+    """Runs one program (argv, never a shell); ``check=True`` raises :class:`CommandFailed`
+    if it does not succeed. Implementations say how a command completes (:meth:`_run`)."""
+
     def run(
         self,
         argv: Sequence[str],
         *,
         input: str | None = None,
         check: bool = False,
-        env: Mapping[str, str] | None = None,
-    ) -> Completed: ...
+        env: Env = None,
+    ) -> Completed:
+        result = self._run(argv, input, env)
+        if check and not result.ok:
+            raise CommandFailed(result)
+        return result
 
+    @abc.abstractmethod
+    def _run(self, argv: Sequence[str], input: str | None, env: Env) -> Completed: ...
+
+    @abc.abstractmethod
     def which(self, name: str) -> str | None: ...
 
 
-class SubprocessRunner:
+class SubprocessRunner(Runner):
     """Runs programs for real, never through a shell, with a C locale for parseable output."""
 
     def __init__(self, *, timeout: float = 600.0) -> None:
         self.timeout = timeout
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        input: str | None = None,
-        check: bool = False,
-        env: Mapping[str, str] | None = None,
-    ) -> Completed:
+    def _run(self, argv: Sequence[str], input: str | None, env: Env) -> Completed:
         full_env = dict(os.environ) | {"LC_ALL": "C"} | dict(env or {})
         try:
             proc = subprocess.run(
@@ -83,8 +89,6 @@ class SubprocessRunner:
             result = Completed(tuple(argv), 127, "", str(exc))
         except subprocess.TimeoutExpired:
             result = Completed(tuple(argv), 124, "", f"timed out after {self.timeout}s")
-        if check and not result.ok:
-            raise CommandFailed(result)
         return result
 
     def which(self, name: str) -> str | None:
@@ -95,7 +99,7 @@ Handler = Callable[[tuple[str, ...], str | None], Completed | tuple[int, str] | 
 
 
 @dataclass
-class ScriptedRunner:
+class ScriptedRunner(Runner):
     """Test double: answers commands from a script and records every call.
 
     ``script`` maps an argv prefix (a tuple) to a handler or a canned answer ``(rc,
@@ -113,14 +117,7 @@ class ScriptedRunner:
         self.script[tuple(prefix)] = answer
         return self
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        input: str | None = None,
-        check: bool = False,
-        env: Mapping[str, str] | None = None,
-    ) -> Completed:
+    def _run(self, argv: Sequence[str], input: str | None, env: Env) -> Completed:
         key = tuple(str(a) for a in argv)
         self.calls.append(key)
         self.inputs.append(input)
@@ -140,8 +137,6 @@ class ScriptedRunner:
                 result = Completed(key, answer)
             else:
                 result = Completed(key, answer[0], answer[1])
-        if check and not result.ok:
-            raise CommandFailed(result)
         return result
 
     def which(self, name: str) -> str | None:

@@ -13,7 +13,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SCHEMA", "SECRET_KEYS", "SchemaIssue", "dump", "iter_issues"]
+__all__ = ["KEYS", "SCHEMA", "SECRET_KEYS", "SchemaIssue", "dump", "iter_issues"]
+
+# The keys a section may hold, in the order of the seed's sample [L566-584]; export writes
+# keys in this order (dtsetup.model.KEYS).
+KEYS: tuple[str, ...] = (
+    "DTSETUPTYPE",
+    "DTACTIVATIONCODE",
+    "DOUBLETAKEFOLDER",
+    "QMEMORYBUFFERMAX",
+    "DISKQUEUEFOLDER",
+    "DISKQUEUEMAXSIZE",
+    "DISKFREESPACEMIN",
+    "DTSERVICESTARTUP",
+    "PORT",
+    "SET_FWPORT",
+)
 
 _PATH: dict[str, Any] = {
     "type": "string",
@@ -41,20 +56,7 @@ SCHEMA: dict[str, Any] = {
         "yn": _YN,
         "section": {
             "type": "object",
-            "propertyNames": {
-                "enum": [
-                    "DTSETUPTYPE",
-                    "DTACTIVATIONCODE",
-                    "DOUBLETAKEFOLDER",
-                    "QMEMORYBUFFERMAX",
-                    "DISKQUEUEFOLDER",
-                    "DISKQUEUEMAXSIZE",
-                    "DISKFREESPACEMIN",
-                    "DTSERVICESTARTUP",
-                    "PORT",
-                    "SET_FWPORT",
-                ]
-            },
+            "propertyNames": {"enum": list(KEYS)},
             "properties": {
                 "DTSETUPTYPE": {
                     "description": "DTNT server+client, DTSO server only, DTCO client only",

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from dtsetup.ini import decode
 from dtsetup.reports import Code, Report, error
-from dtsetup.source import RawDocument, RawEntry, RawSection
+from dtsetup.source import RawDocument, RawEntry, RawSection, read_with
 
 __all__ = ["load", "parse"]
 
@@ -148,11 +147,4 @@ def parse(text: str, file: str) -> tuple[RawDocument, list[Report]]:
 
 
 def load(path: Path, *, text: str | None = None) -> tuple[RawDocument, list[Report]]:
-    if text is None:
-        try:
-            text = decode(path.read_bytes())
-        except OSError as exc:
-            return RawDocument(file=str(path)), [
-                error(Code.FILE_UNREADABLE, f"cannot read: {exc.strerror}", file=str(path))
-            ]
-    return parse(text, str(path))
+    return read_with(parse, path, text=text)
