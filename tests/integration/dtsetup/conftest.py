@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-CODE = "ABCDEFGHJKLMNPQRSTUVWXY3"
+from tests.dtsetup_support import CODE, FULL_KEYS, ini_text
+
 REPO = Path(__file__).resolve().parents[3]
 
 FAKE_SERVICE = """\
@@ -134,22 +135,10 @@ def code() -> str:
 @pytest.fixture
 def ini(tmp_path: Path) -> Callable[..., Path]:
     def make(name: str = "DTSetup.ini", section: str = "Config", **keys: str) -> Path:
-        values = {
-            "DTSETUPTYPE": "DTNT",
-            "DTACTIVATIONCODE": CODE,
-            "DOUBLETAKEFOLDER": '"/opt/dtake"',
-            "QMEMORYBUFFERMAX": "128",
-            "DISKQUEUEFOLDER": '"/var/lib/dtake/queue"',
-            "DISKQUEUEMAXSIZE": "UNLIMITED",
-            "DISKFREESPACEMIN": "50",
-            "DTSERVICESTARTUP": "1",
-            "PORT": "6320",
-            "SET_FWPORT": "Y",
-        } | keys
         directory = tmp_path / "media"
         directory.mkdir(exist_ok=True)
         path = directory / name
-        path.write_text(f"[{section}]\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
+        path.write_text(ini_text(section, FULL_KEYS | keys))
         return path
 
     return make

@@ -5,21 +5,9 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).parent / "data"
-CODE = "ABCDEFGHJKLMNPQRSTUVWXY3"  # 24 alphanumerics, a made-up activation code
+from tests.dtsetup_support import CODE, FULL_KEYS, ini_text
 
-FULL_KEYS = {
-    "DTSETUPTYPE": "DTNT",
-    "DTACTIVATIONCODE": CODE,
-    "DOUBLETAKEFOLDER": '"/opt/dtake"',
-    "QMEMORYBUFFERMAX": "128",
-    "DISKQUEUEFOLDER": '"/var/lib/dtake/queue"',
-    "DISKQUEUEMAXSIZE": "UNLIMITED",
-    "DISKFREESPACEMIN": "50",
-    "DTSERVICESTARTUP": "1",
-    "PORT": "6320",
-    "SET_FWPORT": "Y",
-}
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture
@@ -54,6 +42,6 @@ def full_ini(write_file: Callable[..., Path]) -> Callable[..., Path]:
                 keys.pop(key, None)
             else:
                 keys[key] = value
-        return write_file(f"[{section}]\n" + "".join(f"{k}={v}\n" for k, v in keys.items()))
+        return write_file(ini_text(section, keys))
 
     return make

@@ -216,10 +216,13 @@ def test_offline_root_enablement_link(tmp_path: Path, full_ini: Callable[..., Pa
     assert ServiceStep().plan(off).summary == "disable dtake (systemd-offline)"
 
 
-def test_software_offline_install_commands(tmp_path: Path, full_ini: Callable[..., Path]) -> None:
+def _software_from_wheelhouse(
+    tmp_path: Path, full_ini: Callable[..., Path]
+) -> tuple[Context, ScriptedRunner, Path, SoftwareStep]:
+    """A wheelhouse of one (fake) dtake wheel and a runner whose venv and pip succeed."""
     house = tmp_path / "wheelhouse"
     house.mkdir()
-    (house / "dtake-0.1.0-py3-none-any.whl").write_bytes(b"not really a wheel")
+    (house / "dtake-0.1.0-py3-none-any.whl").write_bytes(b"wheel one")
 
     def make_venv(argv: tuple[str, ...], _input: str | None) -> int:
         (Path(argv[-1]) / "bin").mkdir(parents=True)
@@ -228,9 +231,12 @@ def test_software_offline_install_commands(tmp_path: Path, full_ini: Callable[..
 
     runner = ScriptedRunner().on("/py", "-m", "venv", answer=make_venv)
     ctx = ctx_for(tmp_path, settings(full_ini()), runner)
-    venv = ctx.root / "opt/dtake/venv"
-    runner.on(str(venv / "bin/python"), "-m", "pip", "install", answer=0)
-    step = SoftwareStep(SoftwareSource(wheelhouse=house), python="/py")
+    runner.on(str(ctx.root / "opt/dtake/venv/bin/python"), "-m", "pip", "install", answer=0)
+    return ctx, runner, house, SoftwareStep(SoftwareSource(wheelhouse=house), python="/py")
+
+
+def test_software_offline_install_commands(tmp_path: Path, full_ini: Callable[..., Path]) -> None:
+    ctx, runner, house, step = _software_from_wheelhouse(tmp_path, full_ini)
     assert step.plan(ctx).summary == "install dtake into /opt/dtake/venv"
     step.apply(ctx, Transaction())
     pip = next(c for c in runner.calls if "pip" in c)
@@ -396,19 +402,7 @@ def test_supervisor_install_records_log_and_socket(
 
 
 def _installed_venv(tmp_path: Path, full_ini: Callable[..., Path]) -> tuple[Context, Path]:
-    house = tmp_path / "wheelhouse"
-    house.mkdir()
-    (house / "dtake-0.1.0-py3-none-any.whl").write_bytes(b"wheel one")
-
-    def make_venv(argv: tuple[str, ...], _input: str | None) -> int:
-        (Path(argv[-1]) / "bin").mkdir(parents=True)
-        (Path(argv[-1]) / "bin" / "python").write_text("")
-        return 0
-
-    runner = ScriptedRunner().on("/py", "-m", "venv", answer=make_venv)
-    ctx = ctx_for(tmp_path, settings(full_ini()), runner)
-    runner.on(str(ctx.root / "opt/dtake/venv/bin/python"), "-m", "pip", "install", answer=0)
-    step = SoftwareStep(SoftwareSource(wheelhouse=house), python="/py")
+    ctx, _, house, step = _software_from_wheelhouse(tmp_path, full_ini)
     assert step.plan(ctx).changed
     step.apply(ctx, Transaction())
     return ctx, house
