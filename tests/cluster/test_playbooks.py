@@ -110,22 +110,30 @@ def test_retry_then_second_deploy_changes_nothing(env: Env) -> None:
 
 def test_spec_error_reported_with_location_and_nothing_changed(env: Env) -> None:
     lab = env.lab
-    before = lab.exec("node1", ["cibadmin", "--query"]).stdout
+
+    def state() -> list[str]:
+        cib = lab.exec("node1", ["cibadmin", "--query", "--scope", "configuration"]).stdout
+        return [cib] + [lab.read_file(n, "/etc/corosync/corosync.conf") for n in lab.nodes]
+
+    before = state()
     data = yaml.safe_load(env.spec_path.read_text())
     data["resources"][0]["owners"] = ["node1", "node7"]
     data["constraints"]["colocation"][0]["with"] = "nope"
+    data["cluster"]["token_ms"] = "fast"
     (env.tmp / "bad.yaml").write_text(yaml.safe_dump(data))
-    out = io.StringIO()
-    with redirect_stdout(out):
-        rc = main(
-            ["resources", "--spec", str(env.tmp / "bad.yaml"), "--ssh-config", lab.ssh_config]
-        )
-    text = out.getvalue()
-    assert rc == EXIT_SPEC, text
-    assert "SPEC_UNKNOWN_NODE" in text and "$.resources[0].owners[1]" in text
-    assert "SPEC_UNKNOWN_RESOURCE" in text and "$.constraints.colocation[0].with" in text
-    assert "bad.yaml:" in text  # file:line
-    assert lab.exec("node1", ["cibadmin", "--query"]).stdout == before
+    for playbook in ("cluster", "resources"):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            rc = main(
+                [playbook, "--spec", str(env.tmp / "bad.yaml"), "--ssh-config", lab.ssh_config]
+            )
+        text = out.getvalue()
+        assert rc == EXIT_SPEC, text
+        assert "SPEC_UNKNOWN_NODE" in text and "$.resources[0].owners[1]" in text
+        assert "SPEC_UNKNOWN_RESOURCE" in text and "$.constraints.colocation[0].with" in text
+        assert "SPEC_SCHEMA" in text and "$.cluster.token_ms" in text
+        assert "bad.yaml:" in text  # file:line
+    assert state() == before
 
 
 def test_cluster_and_resources_converge_then_second_run_changes_nothing(env: Env) -> None:
