@@ -40,7 +40,7 @@ from playbooks.remote import fabric_connector
 from playbooks.resources import ResourcesOptions, resources
 from playbooks.spec import load_spec
 from playbooks.testing import bumped_wheelhouse
-from playbooks.upgrade import upgrade
+from playbooks.upgrade import upgrade, wait_in_sync
 from playbooks.verify import VerifyOptions, verify
 from playbooks.wheelhouse import build_wheelhouse
 
@@ -91,6 +91,11 @@ def run(lab: Lab, rounds: int, work: Path) -> dict[str, Any]:
     add("resources (create)", lambda: resources(spec, connect, ResourcesOptions()))
     add("resources (second run, no change)", lambda: resources(spec, connect, ResourcesOptions()))
     lab.wait_cluster(timeout=120, settle=True)
+    ctl = connect("node1")  # verify checks the targets are OK: wait for the first mirror
+    try:
+        wait_in_sync(ctl, 300)
+    finally:
+        ctl.close()
     for _ in range(rounds):
         for name, (mux, forks) in VERIFY_MODES.items():
             vo = VerifyOptions(

@@ -38,7 +38,7 @@ from playbooks.remote import Connector, Remote, run_hosts
 from playbooks.reports import Finding
 from playbooks.wheelhouse import manifest
 
-__all__ = ["DTAKE_BIN", "OK_TEXT", "NotInSync", "in_sync", "upgrade"]
+__all__ = ["DTAKE_BIN", "OK_TEXT", "NotInSync", "in_sync", "upgrade", "wait_in_sync"]
 
 OK_TEXT = "The status of all targets is OK."
 PROMOTED = ("Promoted", "Master")
@@ -99,7 +99,8 @@ def in_sync(st: Status) -> str | None:
     return None
 
 
-def _wait_in_sync(remote: Remote, timeout: float) -> None:
+def wait_in_sync(remote: Remote, timeout: float) -> None:
+    """Until ``in_sync`` (via REMOTE's crm_mon); NotInSync with the last reason."""
     deadline = time.monotonic() + timeout
     why, promoted = "no answer from crm_mon", []
     while True:
@@ -191,7 +192,7 @@ def upgrade(
         """Wait until every target copy could take over; a timeout is a failure on BLAME
         with the reason and the source's replication errors."""
         try:
-            control(lambda remote: _wait_in_sync(remote, sync_timeout))
+            control(lambda remote: wait_in_sync(remote, sync_timeout))
         except NotInSync as e:
             why = str(e)
             for src in e.promoted:

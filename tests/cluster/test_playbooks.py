@@ -34,7 +34,7 @@ from playbooks.remote import Connector, fabric_connector
 from playbooks.resources import ResourcesOptions, resources
 from playbooks.spec import ClusterSpec, load_spec
 from playbooks.testing import bumped_wheelhouse
-from playbooks.upgrade import upgrade
+from playbooks.upgrade import upgrade, wait_in_sync
 from playbooks.verify import VerifyOptions, verify
 from playbooks.wheelhouse import build_wheelhouse
 
@@ -179,6 +179,11 @@ def test_cluster_and_resources_converge_then_second_run_changes_nothing(env: Env
 def test_verify_runs_the_infra_suites_on_every_node(env: Env) -> None:
     lab = env.lab
     lab.wait_cluster(timeout=120, settle=True)
+    ctl = env.connect()("node1")  # the suites check the targets are OK: first mirror done
+    try:
+        wait_in_sync(ctl, 300)
+    finally:
+        ctl.close()
     o = VerifyOptions(ssh_config=lab.ssh_config, expect_nodes=lab.nodes, timeout=300)
     res = verify(lab.nodes, o)
     assert res.exit_code == EXIT_OK, res.render(verbose=True)
