@@ -298,71 +298,62 @@ class TargetTree:
         return fd, "/".join(parts) + "/" if parts else ""
 
     def scan_rows(self, rel: str = "", chunk: int = 2000) -> Iterator[list[list[Any]]]:
-        """``scan`` as compact rows ``[path, kind, size, mtime_ns, mode, uid, gid, link]``
-        in lists of up to ``chunk`` (same order and selection as ``scan``; the mirror's
-        fast path: no Entry objects, no nested generators)."""
+        """What ``scan`` finds, as compact rows ``[path, kind, size, mtime_ns, mode, uid,
+        gid, link]`` in lists of about ``chunk`` rows. The mirror's fast path: one tight
+        loop per directory, no Entry objects, no nested generators; the order is by
+        directory (each directory's rows before those of its subdirectories), not
+        ``scan``'s pre-order."""
         opened = self._open_scan_root(rel)
         if opened is None:
             return
-        S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+        S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0o170000, stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
         out: list[list[Any]] = []
-        # Stack of (dir fd, path prefix, sorted entries, next index): pre-order, names sorted.
-        stack: list[tuple[int, str, list[os.DirEntry[str]], list[int]]] = []
-
-        def push(fd: int, prefix: str) -> None:
-            try:
-                with os.scandir(fd) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except BaseException:
-                os.close(fd)
-                raise
-            stack.append((fd, prefix, entries, [0]))
-
+        stack = [opened]
         try:
-            push(*opened)
             while stack:
-                fd, prefix, entries, pos = stack[-1]
-                i = pos[0]
-                if i >= len(entries):
-                    stack.pop()
-                    os.close(fd)
-                    continue
-                pos[0] = i + 1
-                e = entries[i]
-                name = e.name
-                if TEMP_MARK in name and is_temp_name(name):
-                    continue
+                fd, prefix = stack.pop()
                 try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                mode = st.st_mode
-                fmt = mode & 0o170000
-                path = prefix + name
-                if fmt == S_IFREG:
-                    kind, link = "f", None
-                elif fmt == S_IFDIR:
-                    kind, link = "d", None
-                elif fmt == S_IFLNK:
-                    kind, link = "l", os.readlink(name, dir_fd=fd)
-                else:
-                    continue
-                row = [path, kind, st.st_size, st.st_mtime_ns, mode & 0o7777]
-                row += (st.st_uid, st.st_gid, link)
-                out.append(row)
+                    subdirs: list[tuple[str, str]] = []
+                    with os.scandir(fd) as it:
+                        for e in it:
+                            name = e.name
+                            if TEMP_MARK in name and is_temp_name(name):
+                                continue
+                            try:
+                                st = e.stat(follow_symlinks=False)
+                            except FileNotFoundError:
+                                continue
+                            mode = st.st_mode
+                            fmt = mode & S_IFMT
+                            link = None
+                            if fmt == S_IFREG:
+                                kind = "f"
+                            elif fmt == S_IFDIR:
+                                kind = "d"
+                                subdirs.append((name, prefix + name + "/"))
+                            elif fmt == S_IFLNK:
+                                kind, link = "l", os.readlink(name, dir_fd=fd)
+                            else:
+                                continue
+                            path = prefix + name
+                            size, mtime = st.st_size, st.st_mtime_ns
+                            out.append(
+                                [path, kind, size, mtime, mode & 0o7777, st.st_uid, st.st_gid, link]
+                            )
+                    for name, sub in reversed(subdirs):
+                        try:
+                            stack.append((os.open(name, _DIR_FLAGS, dir_fd=fd), sub))
+                        except OSError:
+                            continue  # replaced by a non-directory meanwhile
+                finally:
+                    os.close(fd)
                 if len(out) >= chunk:
                     yield out
                     out = []
-                if fmt == S_IFDIR:
-                    try:
-                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                    except OSError:
-                        continue  # replaced by a non-directory meanwhile
-                    push(child, path + "/")
             if out:
                 yield out
         finally:
-            for fd, *_ in stack:
+            for fd, _ in stack:
                 os.close(fd)
 
     def block_hashes(self, rel: str, block_size: int) -> list[int]:

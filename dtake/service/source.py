@@ -32,7 +32,14 @@ from dtake.rules import RuleSet
 from dtake.service import datastate
 from dtake.service.apply import TEMP_MARK, is_temp_name
 from dtake.service.datastate import DataEvent
-from dtake.service.queue import Item, LazyKind, SourceQueue
+from dtake.service.queue import (
+    OP_OVERHEAD,
+    TAGS_OVERHEAD,
+    Item,
+    LazyKind,
+    SourceQueue,
+    op_cost,
+)
 from dtake.service.transmit import TransmitControl
 
 if TYPE_CHECKING:
@@ -47,7 +54,8 @@ CHUNK = 1024 * 1024  # data per WRITE op
 SMALL_FILE = 256 * 1024  # up to this, a file goes as one op (FILE_END tagged "whole")
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_OPS = 512
-WINDOW_BYTES = 64 * 1024 * 1024  # unacknowledged bytes in flight
+WINDOW_BYTES = 64 * 1024 * 1024  # unacknowledged bytes in flight (at most)
+MIN_CHUNK = 4 * 1024
 BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
 SIG_CACHE_MAX_BLOCKS = 4 * 1024 * 1024
 
@@ -90,6 +98,17 @@ class Connection:
         self.base = rules.base()
         self.queue = SourceQueue.for_connection(svc.cfg.queue, rec.host, rec.port, rec.id, rec.uuid)
         self.tx = TransmitControl(self)  # transmission, recovery (dtake.service.transmit)
+        # The in-flight window counts against the queue's memory limit (QMemoryBufferMax):
+        # a quarter of it (at most WINDOW_BYTES), data chunks at most a sixteenth (a 1 MB
+        # limit still works, with smaller writes). The queue keeps the window plus the
+        # largest op for it, so queued + in flight stays within the limit.
+        limit = self.queue.max_bytes
+        self.chunk = max(MIN_CHUNK, min(CHUNK, limit // 16) // MIN_CHUNK * MIN_CHUNK)
+        self.small_file = min(SMALL_FILE, self.chunk)
+        self.window_bytes = max(2 * self.chunk, min(WINDOW_BYTES, limit // 4))
+        self.batch_bytes = min(BATCH_BYTES, self.window_bytes // 4)
+        largest_op = max(self.chunk, BLOCK) + OP_OVERHEAD + TAGS_OVERHEAD + 2 * 4096
+        self.queue.reserve(self.window_bytes + largest_op)
         self._item_order = 0  # queue item whose first op is next (replay position)
         self.epoch = uuidlib.uuid4().hex
         self._stop = threading.Event()
@@ -406,42 +425,52 @@ class Connection:
                 for ent in chunk.get("entries") or ():  # a peer answering in dicts
                     target[ent["path"]] = (ent["kind"], ent["size"], ent["mtime_ns"])
         seen: set[str] = set()
+        track_seen = self.rec.orphans != "off"  # only orphan detection needs it
         total = 0
         if not cancel.is_set():
             self.queue.put_lazy(LazyKind.MKDIR, self.base, mode="full")
         stopped = self._stop
+        cut = len(self.base.rstrip("/")) + 1  # walked paths are below the base
+        skipped_files = skipped_bytes = 0
+        n = 0
+        IFMT, IFDIR, IFLNK, IFREG = 0o170000, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFREG
+        full, diff, newer = mode == "full", mode == "differences", mode == "newer"
         for path, st in walk:
-            if self._mirror_pause.is_set():
+            n += 1
+            if not n & 127:  # pause/cancel checks every 128 entries (cheap loop)
                 while self._mirror_pause.is_set() and not cancel.is_set():
                     time.sleep(0.05)
-            if cancel.is_set() or stopped.is_set():
-                return
-            r = self.rel(path)
-            if r is None:
-                continue
-            seen.add(r)
-            t = target.get(r)
-            fmt = stat.S_IFMT(st.st_mode)
-            kind = "d" if fmt == stat.S_IFDIR else "l" if fmt == stat.S_IFLNK else "f"
-            if mode == "full" or t is None or t[0] != kind:
-                send = True
-            elif kind == "f" and mode == "differences":
-                send = t[1] != st.st_size or t[2] != st.st_mtime_ns
-            elif kind == "f" and mode == "newer":
-                send = st.st_mtime_ns > t[2]
-            elif kind == "f" and mode == "checksum":
-                send = True  # decided per block when sent
-            else:
-                send = kind == "d" and t[2] != st.st_mtime_ns
+                if cancel.is_set() or stopped.is_set():
+                    return
+            r = path[cut:]
+            if track_seen:
+                seen.add(r)
+            fmt = st.st_mode & IFMT
+            kind = "f" if fmt == IFREG else "d" if fmt == IFDIR else "l" if fmt == IFLNK else "f"
             if kind == "f" and st.st_nlink > 1:
                 self._warn_hardlink(path)
                 continue
-            if not send:
-                self.stats["mirror_files_skipped"] += 1
-                self.stats["mirror_bytes_skipped"] += st.st_size
-                continue
-            total += st.st_size if kind == "f" else 0
-            self.mirror_total = total
+            if not full:
+                t = target.get(r)
+                if t is not None and t[0] == kind:
+                    if kind == "f":
+                        if diff:
+                            same = t[1] == st.st_size and t[2] == st.st_mtime_ns
+                        elif newer:
+                            same = st.st_mtime_ns <= t[2]
+                        else:
+                            same = False  # checksum: decided per block when sent
+                    else:
+                        same = kind == "l" or t[2] == st.st_mtime_ns
+                    if same:
+                        skipped_files += 1
+                        skipped_bytes += st.st_size
+                        continue
+            if cancel.is_set() or stopped.is_set():
+                return
+            if kind == "f":
+                total += st.st_size
+                self.mirror_total = total
             # Flow control: the walk never fills the queue (it would exhaust it and
             # loop through auto-disconnect); it waits for the sender instead.
             self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
@@ -457,6 +486,8 @@ class Connection:
             )
             if not ok:
                 raise _Gap()
+        self.stats["mirror_files_skipped"] += skipped_files
+        self.stats["mirror_bytes_skipped"] += skipped_bytes
         if self.rec.orphans != "off" and not cancel.is_set():
             from dtake.service.orphans import process_orphans
 
@@ -630,6 +661,7 @@ class Connection:
             if gap:
                 self._inflight.clear()
                 self._inflight_bytes = 0
+                self.queue.inflight_bytes = 0
                 self.next_seq = max(self.next_seq, target_last + 1)
         self._reader = threading.Thread(
             target=self._read_loop, args=(fs,), name=f"acks-{self.rec.id}", daemon=True
@@ -712,13 +744,14 @@ class Connection:
                 self.acked_seq = seq
             while self._inflight and self._inflight[0][0] <= seq:
                 _, op = self._inflight.popleft()
-                self._inflight_bytes -= op.wire_size()
+                self._inflight_bytes -= op_cost(op)
                 if (
                     op.kind == OpKind.BARRIER
                     and op.tags.get("mirror_end")
                     and self.mirror_end_seq == op.seq
                 ):
                     self._mirror_done()
+            self.queue.inflight_bytes = self._inflight_bytes
             self._ack_cond.notify_all()
         for f in failed:
             if self.mirror_status != "Idle":
@@ -815,7 +848,7 @@ class Connection:
                 self.stats["replication_ops"] += 1
             if (
                 mode != "checksum"
-                and lst.st_size <= SMALL_FILE
+                and lst.st_size <= self.small_file
                 and lst.st_blocks * 512 >= lst.st_size  # not sparse (holes stay holes)
                 and self._send_small(fd, lst, r, path, mirror)
             ):
@@ -897,7 +930,7 @@ class Connection:
         for off, length in self._data_extents(fd, size):
             end = off + length
             while off < end:
-                n = min(CHUNK, end - off)
+                n = min(self.chunk, end - off)
                 data = os.pread(fd, n, off)
                 if not data:
                     break
@@ -966,9 +999,11 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
     def _emit(self, op: Op) -> None:
+        if self._inflight_bytes > self.window_bytes and self._batch:
+            self._flush_batch()  # the window is full: what it holds must be on the wire
         with self._ack_cond:
             while (
-                self._inflight_bytes > WINDOW_BYTES
+                self._inflight_bytes > self.window_bytes
                 and self._fs is not None
                 and not self._stop.is_set()
             ):
@@ -983,16 +1018,18 @@ class Connection:
                 op.tags["qo"] = self._item_order
                 self.queue.note_sent(self._item_order, op.seq)
             self._item_order = 0
-            cost = op.wire_size()
+            cost = op_cost(op)
             self._inflight.append((op.seq, op))
             self._inflight_bytes += cost
+            self.queue.inflight_bytes = self._inflight_bytes
+            self.queue.note_peak()
             self._batch.append(op)
             self._batch_bytes += cost
         self.stats["ops_sent"] += 1
         self.stats["bytes_sent"] += len(op.data)
         if op.path or op.kind != OpKind.BARRIER:
             self.stats["last_file_touched"] = op.new_path or op.path
-        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_OPS:
+        if self._batch_bytes >= self.batch_bytes or len(self._batch) >= BATCH_OPS:
             self._flush_batch()
 
     def _flush_batch(self) -> None:

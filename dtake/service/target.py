@@ -364,7 +364,9 @@ class TargetServer:
                 st.qid, st.last_item = str(req["qid"]), 0  # another source queue
             st.connected = True
         target_opened(self.svc, st, req)  # block the path, adopt the data state
-        self.save()
+        # The data state persists itself write-ahead (datastate.target_event); the rest
+        # (epoch, position reset) is saved lazily: lost, it only costs a resync.
+        self._persist_position(st)
         self._notify("target_opened", st, req)
         return st, ""
 

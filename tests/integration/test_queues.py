@@ -268,3 +268,38 @@ def test_compression_changes_on_a_live_connection(tmp_path: Any, service: Factor
     raw = after["bytes_sent_uncompressed"] - before["bytes_sent_uncompressed"]
     wire = after["bytes_sent_compressed"] - before["bytes_sent_compressed"]
     assert raw > 2_000_000 and wire * 10 < raw, (raw, wire)
+
+
+def test_write_burst_keeps_accounted_memory_within_the_limit(
+    tmp_path: Any, service: Factory
+) -> None:
+    """Issue 5: queued items plus the in-flight window stay within QMemoryBufferMax.
+    The target is paused, so unacknowledged ops pile up in flight while the burst
+    queues behind them (the in-flight window used to be 64 MiB, uncounted)."""
+    limit_mb = 1
+    a, b, src, dst, cid = start_pair(
+        tmp_path, service, src_extra={"queue": {"memory_max_mb": limit_mb}}
+    )
+    b.call("target", action="pause")
+    wait_for(lambda: b.call("target", action="status")["status"] == "Paused", what="Paused")
+    burst(src, 400, seed=51, size=48 * 1024)  # ~19 MB of data, 19x the limit
+    peak = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = conn_status(a, cid)
+        q = st["queue"]
+        assert q["memory_max_bytes"] == limit_mb * 1024 * 1024
+        assert q["accounted_bytes"] <= q["memory_max_bytes"], q
+        assert q["accounted_bytes"] == q["memory_bytes"] + q["inflight_bytes"]
+        peak = max(peak, q["accounted_peak_bytes"])
+        if q["inflight_bytes"] > 0 and st["queued_items"] >= 380:
+            break  # the window is full and the rest of the burst waits in the queue
+        time.sleep(0.05)
+    q = conn_status(a, cid)["queue"]
+    assert q["inflight_bytes"] > 0, "nothing in flight: the test did not exercise the window"
+    assert q["accounted_peak_bytes"] <= q["memory_max_bytes"], q
+    b.call("target", action="resume")
+    settle(a, cid)
+    assert_same(src, dst)
+    q = conn_status(a, cid)["queue"]
+    assert max(peak, q["accounted_peak_bytes"]) <= q["memory_max_bytes"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -290,7 +291,9 @@ def test_inotify_overflow_triggers_remirror(tmp_path: Any, service: Factory) -> 
     a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
     cid = connect(a, b, "rs", dst)
     settle(a, cid)
-    # Stop the capture thread from keeping up: a burst far larger than 64 events.
+    # A burst far larger than 64 events while the source service is stopped (SIGSTOP):
+    # its capture cannot read, so the kernel queue overflows for sure (a running
+    # capture thread sometimes kept up, and the test then failed its own premise).
     code = (
         "import os,sys\n"
         "r=sys.argv[1]\n"
@@ -298,7 +301,12 @@ def test_inotify_overflow_triggers_remirror(tmp_path: Any, service: Factory) -> 
         "  p=os.path.join(r,'f%d'%i)\n"
         "  open(p,'w').write('x'*i)\n"
     )
-    subprocess.run([sys.executable, "-c", code, src], check=True)
+    assert a.proc is not None
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        subprocess.run([sys.executable, "-c", code, src], check=True)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
     settle(a, cid, timeout=120)
     assert_same(src, dst)
     ids = [e["id"] for e in a.call("events")]

@@ -640,7 +640,13 @@ def test_scan_rows_match_scan(root: Path, tree: TargetTree) -> None:
         [e.path, e.kind, e.size, e.mtime_ns, e.mode, e.uid, e.gid, e.link] for e in tree.scan()
     ]
     chunks = list(tree.scan_rows("", chunk=4))
-    assert all(0 < len(c) <= 4 for c in chunks)
-    assert [row for c in chunks for row in c] == expected
-    assert [r[0] for c in tree.scan_rows("d/e1") for r in c] == [e.path for e in tree.scan("d/e1")]
+    assert all(len(c) > 0 for c in chunks) and len(chunks) > 1
+    rows = [row for c in chunks for row in c]
+    assert sorted(rows) == sorted(expected) and len(rows) == len(expected)
+    # Each directory's row comes before the rows below it.
+    pos = {r[0]: n for n, r in enumerate(rows)}
+    assert all(pos[p.rsplit("/", 1)[0]] < n for p, n in pos.items() if "/" in p)
+    assert sorted(r[0] for c in tree.scan_rows("d/e1") for r in c) == [
+        e.path for e in tree.scan("d/e1")
+    ]
     assert list(tree.scan_rows("missing")) == [] and list(tree.scan_rows("d/e0/f0")) == []

@@ -312,3 +312,72 @@ def test_interleaved_produce_consume_keeps_order(tmp_path: Any, memory: int) -> 
             got.append(it.op.path if it.op else "")
     got += names(drain(q))
     assert got == expected
+
+
+# -- memory accounting (issue 5) --------------------------------------------------------------
+
+
+def _measured(build: Any, n: int) -> float:
+    """Bytes per object that ``build(i)`` leaves allocated (tracemalloc)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        keep = [build(i) for i in range(n)]
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del keep
+    return (after - before) / n
+
+
+def test_accounted_item_cost_covers_measured_memory() -> None:
+    """The queue's figure is not an underestimate (it was ~2x low): for lazy items, op
+    items and in-flight ops with data, accounted >= 95 % of what tracemalloc measures."""
+    from dtake.service.queue import op_cost
+
+    n = 4000
+    paths = [f"/srv/data/some/dir{i % 50:03}/a-file-name-{i:07}.txt" for i in range(n)]
+    q = SourceQueue(1 << 40)
+    real = _measured(lambda i: q.put_lazy(LazyKind.CONTENT, paths[i]), n)
+    assert q.bytes / n >= 0.95 * real, (q.bytes / n, real)
+    q2 = SourceQueue(1 << 40)
+    real = _measured(lambda i: q2.put_delete(paths[i], Op(OpKind.DELETE, paths[i][10:])), n)
+    assert q2.bytes / n >= 0.95 * real, (q2.bytes / n, real)
+    data = os.urandom(8192)
+
+    def inflight(i: int) -> Op:
+        return Op(OpKind.WRITE, paths[i][10:], seq=i, data=data[: 4096 + i % 7])
+
+    real = _measured(lambda i: inflight(i), n)
+    acc = sum(op_cost(inflight(i)) for i in range(n)) / n
+    assert acc >= 0.95 * real, (acc, real)
+    tagged = Op(OpKind.FILE_END, "x/y", data=b"abc", size=3, mode=0o644, tags={"whole": 1})
+    real = _measured(
+        lambda i: Op(OpKind.FILE_END, "x/y", data=b"abc", size=3, mode=0o644, tags={"whole": 1}),
+        n,
+    )
+    assert op_cost(tagged) >= 0.95 * real
+
+
+def test_inflight_window_counts_against_the_memory_limit() -> None:
+    """Queued items get the limit minus the sender's reserve (its in-flight window)."""
+    q = SourceQueue(100_000)
+    q.reserve(60_000)
+    assert q.put_lazy(LazyKind.CONTENT, "/a/" + "x" * 20_000)
+    assert not q.put_lazy(LazyKind.CONTENT, "/b/" + "x" * 20_000)  # no journal: exhausted
+    assert q.overflowed and q.bytes <= 40_000
+    q2 = SourceQueue(100_000)
+    q2.reserve(60_000)
+    q2.inflight_bytes = 50_000  # the sender's unacknowledged ops
+    assert q2.put_lazy(LazyKind.CONTENT, "/a/b")
+    q2.note_peak()
+    fig = q2.figures()
+    assert fig["accounted_bytes"] == fig["memory_bytes"] + 50_000 <= fig["memory_max_bytes"]
+    assert fig["accounted_peak_bytes"] == fig["accounted_bytes"]
+    q3 = SourceQueue(1000)
+    q3.reserve(10_000)  # a reserve beyond a tiny limit still leaves items a quarter
+    assert q3.budget == 250
