@@ -195,8 +195,16 @@ def notify_target(svc: Service, conn: Connection, old: str, new: str) -> None:
     fs = getattr(conn, "_fs", None)
     if fs is None:
         return
+    send_lock = getattr(conn, "_send_lock", None)
+    locked = send_lock is None or send_lock.acquire(timeout=0.5)
     try:
-        conn._flush_batch()
+        if locked:
+            conn._flush_batch()  # ops emitted before the change go first
+        else:
+            # The sender holds its send lock and waits for the connection lock, which our
+            # caller may hold (start_mirror): flushing here would deadlock. Its batch then
+            # follows this message, which only makes an automatic snapshot a little older.
+            log.info("connection %d: data state sent ahead of a pending batch", conn.rec.id)
         fs.send_obj(
             MsgType.REQUEST,
             {
@@ -210,6 +218,9 @@ def notify_target(svc: Service, conn: Connection, old: str, new: str) -> None:
         )
     except Exception as exc:  # the reconnect's open carries the state
         log.info("connection %d: data state not sent: %s", conn.rec.id, exc)
+    finally:
+        if locked and send_lock is not None:
+            send_lock.release()
 
 
 def open_fields(conn: Connection) -> dict[str, Any]:

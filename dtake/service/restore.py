@@ -9,9 +9,18 @@ paths get the same confinement as any replicated op. Orphans on the source (file
 target does not have) follow the connection's orphan mode, with its age filter.
 
 While restoring, the connection's capture is suspended (the restored writes must not be
-replicated straight back) and the mirror status shows "Restoring". On completion the
-data state becomes OK on both sides (Restore Complete [L5625]; it also clears Restore
-Required and Snapshot Reverted) and replication resumes. Events 97/98, 4053/4056/4057.
+replicated straight back) and the mirror status shows "Restoring"; ``restore`` in the
+connection's status gives the progress (files and bytes done of the totals, from the
+target's scan), kept after the end with the outcome.
+
+Then the source is compared with the target's copy again (attributes: a second scan).
+Anything that differs was changed on the source during the restore, by a process the
+seed tells the operator to stop first [L4696]; capture was suspended, so it would never
+reach the target. Instead of declaring the copy good, a difference mirror source ->
+target is started: the data state then goes OK only when that mirror completes. Without
+differences the data state becomes OK on both sides at once (Restore Complete [L5625];
+it also clears Restore Required and Snapshot Reverted) and replication resumes.
+Events 97/98, 4053/4056/4057.
 """
 
 from __future__ import annotations
@@ -71,10 +80,19 @@ def restore_connection(
     conn.replication = "Stopped"  # capture suspended: no echo of restored writes
     conn.mirror_status = "Restoring"
     counts = {"files": 0, "bytes": 0, "dirs": 0, "links": 0, "orphans": 0, "skipped": 0}
+    progress: dict[str, Any] = {"state": "scanning", "mode": mode, "started": time.time()}
+    conn.restore_progress = progress  # type: ignore[attr-defined]  # read by tx.status_fields
     tree = TargetTree(conn.base)
     try:
         entries = conn.request_scan()
         have = {e["path"] for e in entries}
+        progress.update(
+            state="restoring",
+            files_total=sum(1 for e in entries if e["kind"] == "f"),
+            bytes_total=sum(int(e["size"]) for e in entries if e["kind"] == "f"),
+            files_done=0,
+            bytes_done=0,
+        )
         dirs: list[dict[str, Any]] = []
         for t in entries:
             rel = t["path"]
@@ -89,6 +107,9 @@ def restore_connection(
                 counts["skipped"] += 1
                 if t["kind"] == "d":
                     dirs.append(t)
+                elif t["kind"] == "f":
+                    progress["files_done"] += 1
+                    progress["bytes_done"] += int(t["size"])
                 continue
             if s is not None and t["kind"] != (
                 "d" if stat.S_ISDIR(s.st_mode) else "l" if stat.S_ISLNK(s.st_mode) else "f"
@@ -112,6 +133,7 @@ def restore_connection(
                         break
                     tree.apply(Op(OpKind.WRITE, rel, offset=off, data=data))
                     off += len(data)
+                    progress["bytes_done"] += len(data)
                 tree.apply(
                     Op(
                         OpKind.FILE_END,
@@ -125,6 +147,7 @@ def restore_connection(
                 )
                 counts["files"] += 1
                 counts["bytes"] += off
+                progress["files_done"] += 1
         if orphan_mode != "off":
             counts["orphans"] = _source_orphans(conn, tree, have, orphan_mode)
         # Directory times last (writing inside them changed them), deepest first.
@@ -139,8 +162,11 @@ def restore_connection(
                     mtime_ns=t["mtime_ns"],
                 )
             )
-    except BaseException:
+        progress["state"] = "checking"
+        changed = _changed_since(conn)
+    except BaseException as exc:
         svc.events.emit(4056, **ev)
+        progress.update(state="failed", error=str(exc), ended=time.time())
         conn.mirror_status = "Idle"
         conn.replication = prev_repl
         raise
@@ -152,9 +178,62 @@ def restore_connection(
     conn.mirror_status = "Idle"
     conn.replication = "Replicating" if prev_repl in ("Stopped", "Pending") else prev_repl
     datastate.source_event(conn, datastate.DataEvent.RESTORE_COMPLETE, "restore completed")
+    # The target may hold Restore Required / Snapshot Reverted while this side already
+    # recorded OK (set there by a failover or a revert, learnt here only on reconnect):
+    # say it in so many words, before any mirror, or the target keeps dropping ops.
+    try:
+        r = conn._request(
+            "data_state", state=datastate.OK, override=True, reason="Restore Complete"
+        )
+        progress["target_data_state"] = r[-1].get("data_state")
+    except Exception as exc:  # the next open carries the state (datastate.notify_target)
+        log.warning("restore of connection %d: target state not confirmed: %s", conn.rec.id, exc)
+    if changed:
+        # Changed on the source during the restore and never captured: send them.
+        log.warning(
+            "restore of connection %d: %d path(s) changed on the source meanwhile "
+            "(e.g. %s): difference mirror to the target",
+            conn.rec.id,
+            len(changed),
+            changed[0],
+        )
+        conn.start_mirror("differences", restart=True)
+    progress.update(state="done", changed_during=len(changed), ended=time.time())
     svc.events.emit(98, con_id=conn.rec.id)
     svc.events.emit(4057, **ev)
-    return {"id": conn.rec.id, "mode": mode, "orphans_mode": orphan_mode, **counts}
+    return {
+        "id": conn.rec.id,
+        "mode": mode,
+        "orphans_mode": orphan_mode,
+        **counts,
+        "changed_during": len(changed),
+        "remirror": bool(changed),
+    }
+
+
+def _changed_since(conn: Connection) -> list[str]:
+    """Paths where the source differs from the target's copy after the restore: kind,
+    size and mtime of files, and entries one side lacks."""
+    target = {e["path"]: e for e in conn.request_scan() if e["path"]}
+    out: list[str] = []
+    seen: set[str] = set()
+    for path, st in conn._walk(conn.base):
+        rel = conn.rel(path)
+        if not rel:
+            continue
+        seen.add(rel)
+        t = target.get(rel)
+        kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "f"
+        if t is None:
+            # Created during the restore, or an orphan kept (orphans off/log): either
+            # way the target lacks it and a mirror must send it.
+            out.append(rel)
+        elif t["kind"] != kind or (
+            kind == "f" and (t["size"] != st.st_size or t["mtime_ns"] != st.st_mtime_ns)
+        ):
+            out.append(rel)
+    out += sorted(p for p in target if p not in seen)  # deleted on the source meanwhile
+    return out
 
 
 def _source_orphans(conn: Connection, tree: Any, have: set[str], mode: str) -> int:

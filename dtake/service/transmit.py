@@ -546,6 +546,9 @@ class TransmitControl:
             "compression_level": c.rec.compression_level,
             **self.wire_figures(),
         }
+        restore = getattr(c, "restore_progress", None)  # dtake.service.restore
+        if restore is not None:
+            out["restore"] = dict(restore)
         ts = self._settings()
         if ts is not None:
             out["bandwidth_limit_kbps"] = ts.bucket.kbps

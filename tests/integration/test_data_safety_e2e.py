@@ -360,3 +360,77 @@ def test_failed_mirror_count_moves_when_the_target_refuses_a_file(
     st = settle(a, cid)
     assert st["target_data_state"] == "OK"
     assert_same(src, dst)
+
+
+# ---------------------------------------------------------------------------- restore
+def test_restore_after_failover_changes_brings_the_copy_back_byte_for_byte(
+    tmp_path: Any, service: Factory
+) -> None:
+    """The target served users after a failover (Restore Required holds replication);
+    the restore copies the target's copy over the source: nested dirs, a multi-chunk
+    file, a symlink, modes and times; source-only files moved away (orphans move)."""
+    src, dst, a, b, cid = setup_pair(tmp_path, service)
+    write(os.path.join(src, "keep", "same.txt"), "unchanged on both")
+    settle(a, cid)
+    b.call("data_state_set", target=dst, state="Restore Required", reason="failover")
+    # The target now holds what the source sends [L5618]: its copy is the reference.
+    assert b.call("data_state", target=dst)[0]["data_state"] == "Restore Required"
+    # Users on the target after the failover:
+    write(os.path.join(dst, "a.txt"), "written on the target after failover")
+    write(os.path.join(dst, "deep", "er", "big.bin"), os.urandom(3 * (1 << 20) + 123))
+    os.symlink("../a.txt", os.path.join(dst, "deep", "link"))
+    os.chmod(os.path.join(dst, "deep", "er", "big.bin"), 0o640)
+    os.utime(os.path.join(dst, "a.txt"), (1_700_000_000, 1_700_000_000))
+    os.unlink(os.path.join(dst, "d", "b.bin"))
+    # ... and a stale file on the failed source the target no longer has:
+    write(os.path.join(src, "stale.tmp"), "only on the source")
+    res = a.call("restore", con_id=cid, mode="differences", orphans="move")
+    assert res["files"] == 2 and res["links"] == 1 and res["orphans"] >= 2
+    assert res["changed_during"] == 0 and res["remirror"] is False
+    assert_same(src, dst)  # byte for byte, with modes, owners and file times
+    moved = os.path.join(a.root, "state", "orphans")
+    found = [f for _r, _d, fs in os.walk(moved) for f in fs]
+    assert "stale.tmp" in found and "b.bin" in found
+    prog = a.call("status")["connections"][0]["restore"]
+    assert prog["state"] == "done"
+    assert (prog["files_done"], prog["bytes_done"]) == (prog["files_total"], prog["bytes_total"])
+    until(lambda: b.call("data_state", target=dst)[0]["data_state"] == "OK", "target OK")
+    write(os.path.join(src, "after.txt"), "replicated again")
+    settle(a, cid)
+    assert_same(src, dst)
+
+
+def test_change_on_the_source_during_a_restore_is_mirrored_afterwards(
+    tmp_path: Any, service: Factory
+) -> None:
+    import threading
+
+    src, dst, a, b, cid = setup_pair(tmp_path, service)
+    b.call("data_state_set", target=dst, state="Restore Required", reason="failover")
+    # The target now holds what the source sends [L5618]: its copy is the reference.
+    assert b.call("data_state", target=dst)[0]["data_state"] == "Restore Required"
+    write(os.path.join(dst, "huge.bin"), os.urandom(48 << 20))  # 48 read requests
+    seen: dict[str, Any] = {}
+
+    def meddle() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            prog = a.call("status")["connections"][0].get("restore") or {}
+            if prog.get("state") == "restoring" and 0 < prog["bytes_done"] < prog["bytes_total"]:
+                write(os.path.join(src, "during", "new.txt"), "written while restoring")
+                seen["state"] = a.call("status")["connections"][0]["restore"]["state"]
+                return
+            time.sleep(0.005)
+
+    th = threading.Thread(target=meddle)
+    th.start()
+    res = a.call("restore", con_id=cid, orphans="off")
+    th.join()
+    if seen.get("state") not in ("restoring", "checking"):
+        pytest.skip(f"the restore ended before the write could land in it ({seen})")
+    # Never captured (capture is suspended during a restore): found by the check after
+    # the restore, then sent by a difference mirror; the copy is OK only after it.
+    assert res["changed_during"] >= 1 and res["remirror"] is True
+    st = settle(a, cid)
+    assert st["target_data_state"] == "OK"
+    assert_same(src, dst)
