@@ -28,6 +28,7 @@ Not thread-safe for concurrent writers: one applier thread per TargetTree (a loc
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -84,6 +85,10 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o777  # unknown: every new file gets an explicit chmod
+
+
+class _NeedsReplace(Exception):
+    """A whole-file rename would remove a directory: redone by the applier itself."""
 
 
 class ConfinementError(PermissionError):
@@ -236,6 +241,7 @@ class TargetTree:
         # parent parts -> (borrowed dir fd, whether the directory is set-group-ID)
         self._dirs: dict[tuple[str, ...], tuple[int, bool]] = {}
         self._root_sgid = bool(os.fstat(self._root_fd).st_mode & stat.S_ISGID)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._handlers: dict[OpKind, Callable[[Op], None]] = {
             OpKind.MKDIR: self._mkdir,
             OpKind.FILE_BEGIN: self._file_begin,
@@ -392,6 +398,8 @@ class TargetTree:
                 self._abort(key)
             self._drop_dirs()
             os.close(self._root_fd)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
 
     def __enter__(self) -> TargetTree:
         return self
@@ -723,16 +731,20 @@ class TargetTree:
 
     def _file_whole(self, op: Op, parts: tuple[str, ...]) -> None:
         """A whole small file in one op (FILE_END tagged ``whole``, its data at offset 0):
-        a temp file beside the final name, data, attributes, rename. No fstat: the new
-        file's owner and mode are known, so chown/chmod run only when they would change
-        something."""
+        a temp file beside the final name, data, attributes, rename."""
         key = "/".join(parts)
         if key in self._transfers:
             self._abort(key)
         hit = self._dir_entry(parts, create=True)
         assert hit is not None
-        d, sgid = hit
-        name = parts[-1]
+        self._whole_at(op, hit[0], hit[1], parts[-1], plain=False)
+
+    def _whole_at(self, op: Op, d: int, sgid: bool, name: str, *, plain: bool) -> None:
+        """Write ``op``'s file as ``name`` in directory ``d``. No fstat: the new file's
+        owner and mode are known, so chown/chmod run only when they would change
+        something. ``plain``: only a rename(2) that replaces nothing but a file (no
+        directory removal, no cache change: safe in a helper thread); anything else
+        raises _NeedsReplace after removing the temp file."""
         tmp = temp_name(name)
         mode = 0o600 if op.mode is None else op.mode & 0o7777
         fd = os.open(tmp, _CREATE_FLAGS, mode & 0o777, dir_fd=d)
@@ -758,11 +770,74 @@ class TargetTree:
                     os.utime(fd, ns=(time.time_ns(), op.mtime_ns))  # last
             finally:
                 os.close(fd)
-            self._replace(d, tmp, d, name)
+            if not plain:
+                self._replace(d, tmp, d, name)
+                return
+            try:
+                os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+            except OSError as exc:
+                if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise _NeedsReplace() from exc
+                raise
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=d)
             raise
+
+    def apply_whole_files(self, ops: list[Op]) -> list[BaseException | None]:
+        """Apply whole-file ops (FILE_END tagged ``whole``) for *distinct, independent*
+        paths (none is another's parent) two at a time: parents are resolved here, in
+        order; the file system calls of every other op run in a helper thread (they
+        release the GIL: creating files is kernel time). Returns each op's exception or
+        None, in order. An op whose rename would have to remove a directory is redone
+        here, after the others (independent paths: the order between them is free)."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("target tree is closed")
+            out: list[BaseException | None] = [None] * len(ops)
+            jobs: list[tuple[int, Op, int, bool, str]] = []
+            for n, op in enumerate(ops):
+                try:
+                    parts = split_rel(op.path)
+                    key = "/".join(parts)
+                    if key in self._transfers:
+                        self._abort(key)
+                    hit = self._dir_entry(parts, create=True)
+                    assert hit is not None
+                    jobs.append((n, op, hit[0], hit[1], parts[-1]))
+                except Exception as exc:
+                    out[n] = exc
+            redo: list[int] = []
+
+            def run(batch: list[tuple[int, Op, int, bool, str]]) -> None:
+                for n, op, d, sgid, name in batch:
+                    try:
+                        self._whole_at(op, d, sgid, name, plain=True)
+                    except _NeedsReplace:
+                        redo.append(n)
+                    except Exception as exc:
+                        out[n] = exc
+
+            if len(jobs) >= 8:
+                helper = self._helper()
+                fut = helper.submit(run, jobs[1::2])
+                run(jobs[0::2])
+                fut.result()
+            else:
+                run(jobs)
+            for n in sorted(redo):
+                try:
+                    self._file_whole(ops[n], split_rel(ops[n].path))
+                except Exception as exc:
+                    out[n] = exc
+            if any(e is not None for e in out):
+                self._drop_dirs()
+            return out
+
+    def _helper(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="apply")
+        return self._pool
 
     def _file_end(self, op: Op) -> None:
         parts = split_rel(op.path)

@@ -650,3 +650,45 @@ def test_scan_rows_match_scan(root: Path, tree: TargetTree) -> None:
         e.path for e in tree.scan("d/e1")
     ]
     assert list(tree.scan_rows("missing")) == [] and list(tree.scan_rows("d/e0/f0")) == []
+
+
+def test_apply_whole_files_in_two_threads(root: Path, tree: TargetTree, tmp_path: Path) -> None:
+    """Independent small files applied as a batch: same result as one by one, errors
+    per op in order, a directory in the way replaced, a symlinked parent refused."""
+    (root / "b").mkdir()
+    (root / "b" / "f3").mkdir()  # a directory where a file goes: redone by the applier
+    (root / "b" / "f3" / "inner").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "esc")
+    ops = [
+        small(f"{'ab'[i % 2]}/f{i}", bytes([i]) * i, mode=0o640, mtime_ns=MTIME) for i in range(20)
+    ]
+    ops[5] = small("esc/f5", b"PWNED")
+    results = tree.apply_whole_files(ops)
+    assert [type(r) for r in results] == [type(None)] * 5 + [ConfinementError] + [type(None)] * 14
+    for i in range(20):
+        if i == 5:
+            continue
+        p = root / "ab"[i % 2] / f"f{i}"
+        assert p.read_bytes() == bytes([i]) * i
+        st = os.stat(p)
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == MTIME
+    assert list(outside.iterdir()) == []
+    assert not any(is_temp_name(n) for _, _, names in os.walk(root) for n in names)
+
+
+def test_whole_runs_are_independent_paths() -> None:
+    from dtake.service.target import _whole_run
+
+    def w(path: str, seq: int) -> Op:
+        return Op(K.FILE_END, path, seq=seq, data=b"x", size=1, tags={"whole": 1})
+
+    ops = [w("a/1", 1), w("a/2", 2), w("b/1", 3), w("a/1", 4), w("c", 5)]
+    assert [o.seq for o in _whole_run(ops, 0, 0)] == [1, 2, 3]  # a/1 again: a new run
+    assert [o.seq for o in _whole_run(ops, 3, 0)] == [4, 5]
+    assert _whole_run(ops, 0, 1) == []  # already applied: sequential path
+    nested = [w("d", 1), w("d/x", 2)]  # a file, then a file below it
+    assert len(_whole_run(nested, 0, 0)) == 1
+    mixed = [w("e/1", 1), Op(K.RENAME, "e", seq=2, new_path="f"), w("e/2", 3)]
+    assert len(_whole_run(mixed, 0, 0)) == 1
