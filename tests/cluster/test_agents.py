@@ -174,9 +174,18 @@ def connections(lab: Lab, node: str) -> list[dict[str, Any]]:
 def make_survivors_pending(lab: Lab, p: str) -> list[str]:
     """Owners of P go pending: a full mirror is started while transmission is paused."""
     survivors = [n for n in lab.nodes if n != p]
-    for c in connections(lab, p):
-        lab.exec(p, [DTAKE, "transmit", "pause", str(c["id"])])
-        lab.exec(p, [DTAKE, "mirror", "start", str(c["id"]), "--mode", "full"])
+    ids = [str(c["id"]) for c in connections(lab, p)]
+    for i in ids:
+        lab.exec(p, [DTAKE, "transmit", "pause", i])
+    # The mirror starts once the senders are idle: a start while a batch is being sent
+    # deadlocked once in source.py (lock order _lock/_send_lock; see the issue 6 report).
+    lab.wait_for(
+        lambda: all(c["state"] == "Paused" and not c["unacked_ops"] for c in connections(lab, p)),
+        WAIT,
+        what=f"transmission paused on {p}",
+    )
+    for i in ids:
+        lab.exec(p, [DTAKE, "mirror", "start", i, "--mode", "full"])
     for n in survivors:
         lab.wait_for(lambda n=n: replica(lab, n)["data"] == "pending", WAIT, what=f"{n} pending")
     return survivors
@@ -504,11 +513,8 @@ def test_partition_minority_stops_and_never_overwrites_newer_data(cluster: Lab) 
 
         try:
             lab.wait_for(minority_stopped, WAIT, interval=1, what=f"{p} (no quorum) stopped")
-        except Exception:
-            diag = lab.exec(
-                p, "crm_mon -1 -A -f -o; tail -30 /var/log/dtake/dtake.log", check=False
-            )
-            raise AssertionError(f"{p} still writing:\n{diag.stdout[-5000:]}") from None
+        except LabTimeout:
+            raise AssertionError(f"{p} still writing:\n{diagnose(lab)}") from None
         assert not lab.cluster_status(p).quorate
         lab.exec(new, f"echo newer > {DIR}/newer-side; echo newer > {DIR}/conflict")
         # Stopped: the copy is writable again [L2560], but nothing runs on it; whatever is
