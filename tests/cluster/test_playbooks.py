@@ -263,19 +263,31 @@ def _wait_idle(lab: Lab, node: str) -> None:
 
 
 class Sampler(threading.Thread):
-    """Who holds the promoted copy, sampled from crm_mon until stopped."""
+    """Who holds the promoted copy, sampled from crm_mon until stopped; with ``write``, each
+    sample also writes a new file on the promoted node (an application writing all along):
+    ``written`` holds the files whose write succeeded there."""
 
-    def __init__(self, lab: Lab, via: str) -> None:
+    def __init__(self, lab: Lab, via: str, *, write: bool = False) -> None:
         super().__init__(daemon=True)
-        self.lab, self.via = lab, via
+        self.lab, self.via, self.write = lab, via, write
         self.samples: list[tuple[str, ...]] = []
+        self.written: dict[str, str] = {}  # file -> node it was written on
         self.halt = threading.Event()
 
     def run(self) -> None:
+        i = 0
         while not self.halt.is_set():
             p = _promoted(self.lab, self.via)
             if p is not None:
                 self.samples.append(p)
+            if self.write and p and len(p) == 1:
+                i += 1
+                name = f"/srv/data/during/w{i:04d}"
+                r = self.lab.exec(
+                    p[0], f"mkdir -p /srv/data/during && echo {name} > {name}", check=False
+                )
+                if r.returncode == 0:  # refused (read-only) on a copy demoted meanwhile
+                    self.written[name] = p[0]
             self.halt.wait(0.3)
 
     def stop(self) -> list[tuple[str, ...]]:
@@ -293,15 +305,16 @@ def _runs(samples: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return out
 
 
-def _sampled_upgrade(env: Env, house: Path) -> tuple[PlaybookResult, list[tuple[str, ...]]]:
-    """The upgrade playbook to HOUSE, with who was promoted sampled all along."""
-    sampler = Sampler(env.lab, "node1")
+def _sampled_upgrade(env: Env, house: Path) -> tuple[PlaybookResult, Sampler]:
+    """The upgrade playbook to HOUSE, with who was promoted sampled, and a file written
+    on the promoted copy at each sample, all along."""
+    sampler = Sampler(env.lab, "node1", write=True)
     sampler.start()
     try:
         res = upgrade(env.lab.nodes, env.connect(), env.opts(wheelhouse=house))
     finally:
-        samples = sampler.stop()
-    return res, samples
+        sampler.stop()
+    return res, sampler
 
 
 def test_rolling_upgrade_to_a_newer_version(env: Env) -> None:
@@ -330,7 +343,8 @@ def test_rolling_upgrade_to_a_newer_version(env: Env) -> None:
     _wait_idle(lab, hold)
     acked = _digest(lab, hold)
 
-    res, samples = _sampled_upgrade(env, new_house)
+    res, sampler = _sampled_upgrade(env, new_house)
+    samples = sampler.samples
     assert res.exit_code == EXIT_OK, res.render(verbose=True)
     assert res.changed and not res.failed_hosts, res.render()
     for n in lab.nodes:
@@ -343,18 +357,23 @@ def test_rolling_upgrade_to_a_newer_version(env: Env) -> None:
     assert len(runs[-1]) == 1 and runs[-1] != (hold,), runs
     assert len(runs) == 2 or runs[1] == (), runs
     new_active = runs[-1][0]
-    # no data lost: everything acknowledged before is on the new active node, and a write
-    # after the upgrade reaches every node byte for byte
+    # no data lost: everything acknowledged before, and every file written on the promoted
+    # copy during the roll (on the held node until the move, then on the new one), is on
+    # every node byte for byte, with a write after the upgrade
+    assert {n for n in sampler.written.values()} == {hold, new_active}, sampler.written
     lab.exec(new_active, "echo after-upgrade > /srv/data/after")
     _wait_idle(lab, new_active)
     want = _digest(lab, new_active)
     assert acked <= want
+    during = {f"./during/{Path(f).name}" for f in sampler.written}
+    have = {line.split(maxsplit=1)[1] for line in want}
+    assert during <= have, sorted(during - have)
     for n in lab.nodes:
         got = lab.wait_for(
             lambda n=n: _digest(lab, n) == want or None, 120, what=f"/srv/data on {n}"
         )
         assert got
     # a second run finds every node on the new version and changes nothing
-    again, samples = _sampled_upgrade(env, new_house)
+    again, sampler = _sampled_upgrade(env, new_house)
     assert again.exit_code == EXIT_OK and not again.changed, again.render(verbose=True)
-    assert _runs(samples) == [(new_active,)]
+    assert _runs(sampler.samples) == [(new_active,)]
