@@ -36,7 +36,10 @@ from typing import Any
 
 import pytest
 import yaml
-from infra_facts import AGENT_DIR, AGENTS, RECORD, Stat, config_paths
+
+# pytest puts this directory on sys.path (rootdir-less conftest); mypy, checking the
+# packaged copy playbooks/infra, cannot see that
+from infra_facts import AGENT_DIR, AGENTS, RECORD, Stat, config_paths  # type: ignore[import-not-found]
 
 
 def pytest_addoption(parser: Any) -> None:
