@@ -2,7 +2,8 @@
 
     sudo .venv/bin/python -m bench.bench_agents [--runs 100] [--no-failover]
 
-Monitor: each agent's recurring monitor is run RUNS times (after 5 warm-ups) against a
+Monitor: each agent's recurring monitor is run RUNS times (after 5 warm-ups; the agents and
+the baselines interleaved, so a load change on the shared machine hits all alike) against a
 real local ``dtake serve`` holding a started replica / connection, with the pacemaker
 tools absent from PATH being irrelevant (the monitor of a good replica connected to a
 live source forks nothing). Dummy and dummypy run as installed by resource-agents, the
@@ -33,22 +34,31 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 HEARTBEAT = "/usr/lib/ocf/resource.d/heartbeat"
 
 
-def _time_cmd(argv: list[str], env: dict[str, str], runs: int) -> dict[str, float]:
-    for _ in range(5):
-        subprocess.run(argv, env=env, capture_output=True, check=False)
-    samples = []
-    rc = None
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        r = subprocess.run(argv, env=env, capture_output=True, check=False)
-        samples.append((time.perf_counter() - t0) * 1000)
-        rc = r.returncode
-    samples.sort()
-    return {
-        "median_ms": round(statistics.median(samples), 2),
-        "p95_ms": round(samples[int(len(samples) * 0.95) - 1], 2),
-        "rc": float(rc or 0),
-    }
+def _time_cmds(cmds: dict[str, tuple[list[str], dict[str, str]]], runs: int) -> dict[str, Any]:
+    """Each command RUNS times after 5 warm-ups, interleaved (one run of each per round, in
+    a rotating order), so a load change on the shared machine hits all of them alike."""
+    names = list(cmds)
+    for name in names:
+        for _ in range(5):
+            subprocess.run(cmds[name][0], env=cmds[name][1], capture_output=True, check=False)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    rcs: dict[str, int] = {}
+    for i in range(runs):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            argv, env = cmds[name]
+            t0 = time.perf_counter()
+            r = subprocess.run(argv, env=env, capture_output=True, check=False)
+            samples[name].append((time.perf_counter() - t0) * 1000)
+            rcs[name] = r.returncode
+    out: dict[str, Any] = {}
+    for name in names:
+        xs = sorted(samples[name])
+        out[name] = {
+            "median_ms": round(statistics.median(xs), 2),
+            "p95_ms": round(xs[max(0, int(len(xs) * 0.95) - 1)], 2),
+            "rc": float(rcs.get(name, 0)),
+        }
+    return out
 
 
 def bench_monitor(runs: int) -> dict[str, Any]:
@@ -104,14 +114,10 @@ def bench_monitor(runs: int) -> dict[str, Any]:
                 if st["data"] == "good" and st["source_connected"]:
                     break
                 time.sleep(0.2)
-            out["ReplicatedDisk (unpromoted)"] = _time_cmd(
-                [os.path.join(agents, "ReplicatedDisk"), "monitor"], rd_env, runs
-            )
-            out["ReplicatedDisk (promoted)"] = _time_cmd(
-                [os.path.join(agents, "ReplicatedDisk"), "monitor"],
-                {**rd_env, "OCF_RESKEY_socket": a.socket_path},
-                runs,
-            )
+            cmds: dict[str, tuple[list[str], dict[str, str]]] = {}
+            rd = [os.path.join(agents, "ReplicatedDisk"), "monitor"]
+            cmds["ReplicatedDisk (unpromoted)"] = (rd, rd_env)
+            cmds["ReplicatedDisk (promoted)"] = (rd, {**rd_env, "OCF_RESKEY_socket": a.socket_path})
             sc_env = {
                 **base,
                 "OCF_RESOURCE_INSTANCE": "sc",
@@ -125,19 +131,21 @@ def bench_monitor(runs: int) -> dict[str, Any]:
             subprocess.run(
                 [os.path.join(agents, "SourceConnection"), "start"], env=sc_env, check=True
             )
-            out["SourceConnection"] = _time_cmd(
-                [os.path.join(agents, "SourceConnection"), "monitor"], sc_env, runs
+            cmds["SourceConnection"] = (
+                [os.path.join(agents, "SourceConnection"), "monitor"],
+                sc_env,
             )
             dummy_env = {**base, "OCF_RESOURCE_INSTANCE": "d", "OCF_RESKEY_state": f"{tmp}/d.st"}
             subprocess.run([f"{HEARTBEAT}/Dummy", "start"], env=dummy_env, check=True)
-            out["heartbeat:Dummy"] = _time_cmd([f"{HEARTBEAT}/Dummy", "monitor"], dummy_env, runs)
+            cmds["heartbeat:Dummy"] = ([f"{HEARTBEAT}/Dummy", "monitor"], dummy_env)
             py_env = {
                 **dummy_env,
                 "OCF_FUNCTIONS_DIR": f"{HEARTBEAT}",
                 "PYTHONPATH": "/usr/lib/ocf/lib/heartbeat",
             }
             subprocess.run([f"{HEARTBEAT}/dummypy", "start"], env=py_env, check=False)
-            out["heartbeat:dummypy"] = _time_cmd([f"{HEARTBEAT}/dummypy", "monitor"], py_env, runs)
+            cmds["heartbeat:dummypy"] = ([f"{HEARTBEAT}/dummypy", "monitor"], py_env)
+            out.update(_time_cmds(cmds, runs))
         finally:
             for svc in (a, b):  # unblock the copies before the temp dir goes
                 try:
