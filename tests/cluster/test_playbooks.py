@@ -235,20 +235,24 @@ def test_cli_deploy_json(env: Env) -> None:
 DTAKE = "/opt/dtake/venv/bin/dtake"
 
 
-def _promoted(lab: Lab, via: str) -> tuple[str, ...] | None:
-    """The nodes where ``data`` is promoted (None: crm_mon did not answer)."""
+def _where(lab: Lab, via: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(nodes where ``data`` is promoted, nodes running ``app``); None: no crm_mon answer."""
     try:
         st = lab.cluster_status(via)
     except Exception:
         return None
-    return tuple(
-        sorted(
-            n
-            for r in st.resources
-            if r.id.split(":")[0] == "data" and r.active and r.role == "Promoted"
-            for n in r.nodes
-        )
+    promoted = sorted(
+        n
+        for r in st.resources
+        if r.id.split(":")[0] == "data" and r.active and r.role == "Promoted"
+        for n in r.nodes
     )
+    return tuple(promoted), tuple(sorted(st.running_on("app")))
+
+
+def _promoted(lab: Lab, via: str) -> tuple[str, ...] | None:
+    w = _where(lab, via)
+    return None if w is None else w[0]
 
 
 def _digest(lab: Lab, node: str) -> set[str]:
@@ -263,23 +267,27 @@ def _wait_idle(lab: Lab, node: str) -> None:
 
 
 class Sampler(threading.Thread):
-    """Who holds the promoted copy, sampled from crm_mon until stopped; with ``write``, each
-    sample also writes a new file on the promoted node (an application writing all along):
-    ``written`` holds the files whose write succeeded there."""
+    """Who holds the promoted copy (``samples``) and where the dependent app runs (``app``),
+    sampled from crm_mon until stopped; with ``write``, each sample also writes a new file
+    on the promoted node (an application writing all along): ``written`` holds the files
+    whose write succeeded there."""
 
     def __init__(self, lab: Lab, via: str, *, write: bool = False) -> None:
         super().__init__(daemon=True)
         self.lab, self.via, self.write = lab, via, write
         self.samples: list[tuple[str, ...]] = []
+        self.app: list[tuple[str, ...]] = []
         self.written: dict[str, str] = {}  # file -> node it was written on
         self.halt = threading.Event()
 
     def run(self) -> None:
         i = 0
         while not self.halt.is_set():
-            p = _promoted(self.lab, self.via)
-            if p is not None:
-                self.samples.append(p)
+            w = _where(self.lab, self.via)
+            p = None if w is None else w[0]
+            if w is not None:
+                self.samples.append(w[0])
+                self.app.append(w[1])
             if self.write and p and len(p) == 1:
                 i += 1
                 name = f"/srv/data/during/w{i:04d}"
@@ -357,6 +365,10 @@ def test_rolling_upgrade_to_a_newer_version(env: Env) -> None:
     assert len(runs[-1]) == 1 and runs[-1] != (hold,), runs
     assert len(runs) == 2 or runs[1] == (), runs
     new_active = runs[-1][0]
+    # the app group followed the promoted copy: on the held node, one gap, on the new one
+    apps = _runs(sampler.app)
+    assert apps[0] == (hold,) and apps[-1] == (new_active,), apps
+    assert len(apps) == 2 or apps[1:-1] == [()], apps
     # no data lost: everything acknowledged before, and every file written on the promoted
     # copy during the roll (on the held node until the move, then on the new one), is on
     # every node byte for byte, with a write after the upgrade
@@ -377,3 +389,4 @@ def test_rolling_upgrade_to_a_newer_version(env: Env) -> None:
     again, sampler = _sampled_upgrade(env, new_house)
     assert again.exit_code == EXIT_OK and not again.changed, again.render(verbose=True)
     assert _runs(sampler.samples) == [(new_active,)]
+    assert _runs(sampler.app) == [(new_active,)]
