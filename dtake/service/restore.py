@@ -86,6 +86,14 @@ def restore_connection(
     try:
         entries = conn.request_scan()
         have = {e["path"] for e in entries}
+        if not (have - {""}) and any(conn.rel(p) for p, _st in conn._walk(conn.base)):
+            # An empty listing of a copy the source has data for is far likelier a fault
+            # on the target than the truth; a restore would empty the source.
+            raise DtakeError(
+                E.NO_TARGET,
+                f"the target's copy of connection {conn.rec.id} lists nothing: restore "
+                "refused (it would empty the source); check the target path",
+            )
         progress.update(
             state="restoring",
             files_total=sum(1 for e in entries if e["kind"] == "f"),
