@@ -434,3 +434,20 @@ def test_change_on_the_source_during_a_restore_is_mirrored_afterwards(
     st = settle(a, cid)
     assert st["target_data_state"] == "OK"
     assert_same(src, dst)
+
+
+def test_restore_from_an_empty_target_copy_is_refused(tmp_path: Any, service: Factory) -> None:
+    src, dst, a, _b, cid = setup_pair(tmp_path, service)
+    for name in os.listdir(dst):  # the copy vanished behind the service's back
+        p = os.path.join(dst, name)
+        subprocess.run(["rm", "-rf", p], check=True)
+    before = os.listdir(src)
+    with pytest.raises(Exception, match="lists nothing: restore refused"):
+        a.call("restore", con_id=cid, orphans="delete")
+    assert sorted(os.listdir(src)) == sorted(before)  # nothing deleted on the source
+    st = a.call("status")["connections"][0]
+    assert st["restore"]["state"] == "failed" and st["mirror_status"] == "Idle"
+    assert 4056 in [e["id"] for e in a.call("events")]
+    a.call("mirror", con_id=cid, action="start", mode="full")  # the way back
+    settle(a, cid)
+    assert_same(src, dst)
