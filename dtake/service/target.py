@@ -29,6 +29,7 @@ __all__ = ["TargetServer", "TargetState"]
 log = logging.getLogger("dtake.target")
 
 SCAN_CHUNK = 2000
+CLEANUP_STORE = "target_cleanup.json"
 # Cumulative acknowledgements: while more frames wait in the target queue, one ACK per
 # this many ops / bytes / seconds (always one as soon as the queue is drained).
 ACK_EVERY_OPS = 2048
@@ -150,6 +151,15 @@ class TargetServer:
                 block=bool(d.get("block", False)),
             )
             self.states[st.uuid] = st
+        # Temp files of interrupted transfers exist only after this service died without
+        # a clean stop (a clean stop or a new source epoch aborts them): only then are
+        # target roots swept, each once, at their next open. Persisted, so a root not
+        # opened before the next clean stop is still swept later.
+        mark = svc.store.load(CLEANUP_STORE, {})
+        self._to_clean: set[str] = set(mark.get("paths") or [])
+        if mark.get("running"):
+            self._to_clean.update(st.target_path for st in self.states.values())
+        self._save_cleanup(running=True)
 
     # ------------------------------------------------------------------ listener
     def listen(self) -> None:
@@ -181,6 +191,10 @@ class TargetServer:
             if st.tree is not None:
                 st.tree.close()
                 st.tree = None
+        self._save_cleanup(running=False)
+
+    def _save_cleanup(self, *, running: bool) -> None:
+        self.svc.store.save(CLEANUP_STORE, {"running": running, "paths": sorted(self._to_clean)})
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
@@ -420,7 +434,10 @@ class TargetServer:
                     st.tree = None
             if st.tree is None:
                 st.tree = TargetTree(target_root(self.svc, st, req))  # blocked: fd path
-                st.tree.cleanup_temp()
+                if path in self._to_clean:
+                    st.tree.cleanup_temp()
+                    self._to_clean.discard(path)
+                    self._save_cleanup(running=True)
             if req.get("qid") and req.get("qid") != st.qid:
                 st.qid, st.last_item = str(req["qid"]), 0  # another source queue
             st.connected = True

@@ -433,3 +433,31 @@ def test_connection_and_target_counters(tmp_path: Any, service: Factory) -> None
     assert stats["resent_ops"] == 0
     targets = b.call("status")["targets"]
     assert len(targets) == 1 and targets[0]["retries"] == 0 and targets[0]["failures"] == 0
+
+
+def test_target_sweeps_temp_files_after_a_crash_only(tmp_path: Any, service: Factory) -> None:
+    """Interrupted transfers leave temp files only when the target dies (kill -9): the
+    restarted target sweeps that root at its next open; after a clean stop nothing is
+    swept (no walk of the whole target tree on every connect)."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    make_tree(src, 2, 5)
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, "rs", dst, mirror="full")
+    settle(a, cid)
+    b.stop()
+    planted = os.path.join(dst, "d000", ".f0000.dtake-0123456789abcdef")
+    with open(planted, "wb") as fh:
+        fh.write(b"not ours: the last stop was clean")
+    b.start()
+    settle(a, cid)
+    assert os.path.exists(planted)  # clean stop: no sweep
+    os.unlink(planted)
+    b.kill9()
+    leftover = os.path.join(dst, "d001", ".f0001.dtake-fedcba9876543210")
+    with open(leftover, "wb") as fh:
+        fh.write(b"half a transfer")
+    b.start()
+    settle(a, cid)
+    assert not os.path.exists(leftover)  # swept after the crash
+    assert_same(src, dst)
