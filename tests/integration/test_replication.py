@@ -445,19 +445,17 @@ def test_target_sweeps_temp_files_after_a_crash_only(tmp_path: Any, service: Fac
     a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
     cid = connect(a, b, "rs", dst, mirror="full")
     settle(a, cid)
-    b.stop()
-    planted = os.path.join(dst, "d000", ".f0000.dtake-0123456789abcdef")
-    with open(planted, "wb") as fh:
-        fh.write(b"not ours: the last stop was clean")
-    b.start()
-    settle(a, cid)
-    assert os.path.exists(planted)  # clean stop: no sweep
-    os.unlink(planted)
-    b.kill9()
-    leftover = os.path.join(dst, "d001", ".f0001.dtake-fedcba9876543210")
-    with open(leftover, "wb") as fh:
-        fh.write(b"half a transfer")
-    b.start()
-    settle(a, cid)
+    temps = {}
+    for how, d in (("stop", "d000"), ("kill9", "d001")):
+        b.stop() if how == "stop" else b.kill9()
+        temps[how] = os.path.join(dst, d, f".{d}.dtake-0123456789abcdef")
+        with open(temps[how], "wb") as fh:
+            fh.write(b"a leftover of an interrupted transfer")
+        b.start()
+        settle(a, cid)
+        if how == "stop":
+            assert os.path.exists(temps[how])  # clean stop: no sweep
+            os.unlink(temps[how])
+    leftover = temps["kill9"]
     assert not os.path.exists(leftover)  # swept after the crash
     assert_same(src, dst)
