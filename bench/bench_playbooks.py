@@ -3,6 +3,7 @@ connection per host vs one per command; hosts in parallel vs one at a time) and 
 rolling upgrade (first run and the no-op second run).
 
     sudo .venv/bin/python -m bench.bench_playbooks [--rounds 3] [--prefix dtpb] [--json PATH]
+    sudo .venv/bin/python -m bench.bench_playbooks --from REV --rounds 0 [--sync-timeout 120]
 
 Prints a table (median, min, max) and writes JSON (default bench/results/playbooks.json).
 Method: wall time of each playbook function as the CLI calls it (the lab's ssh_config,
@@ -10,6 +11,10 @@ ProxyCommand relay into the lab's namespaces), the wheelhouse built beforehand (
 verify runs ``--rounds`` times in each mode against the converged cluster; the upgrade goes
 to a wheelhouse whose dtake wheel is ``<version>+bench`` (``bumped_wheelhouse``), then
 runs again (nothing to do). The lab is taken down at the end, pass or fail.
+
+``--from REV`` installs first the dtake of git revision REV (``git archive``), so the
+upgrade goes from that release to this tree: the rolling-upgrade compatibility check
+between two builds (a failed upgrade is reported with its recap, not raised).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +48,7 @@ from playbooks.spec import load_spec
 from playbooks.testing import bumped_wheelhouse
 from playbooks.upgrade import upgrade, wait_in_sync
 from playbooks.verify import VerifyOptions, verify
-from playbooks.wheelhouse import build_wheelhouse
+from playbooks.wheelhouse import REPO, build_wheelhouse
 
 # name -> (multiplex, forks)
 VERIFY_MODES = {
@@ -62,12 +68,26 @@ def _timed(fn: Callable[[], PlaybookResult]) -> tuple[float, PlaybookResult]:
     return took, res
 
 
-def run(lab: Lab, rounds: int, work: Path) -> dict[str, Any]:
+def _house_of(rev: str, work: Path) -> Path:
+    """A wheelhouse built from git revision REV of this repo."""
+    src = work / f"src-{rev.replace('/', '_')}"
+    src.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True, timeout=120
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True, timeout=120)
+    return build_wheelhouse(repo=src, cache=work / "wheelhouses")[0]
+
+
+def run(
+    lab: Lab, rounds: int, work: Path, *, from_rev: str | None = None, sync_timeout: float = 600
+) -> dict[str, Any]:
     ini = work / "DTSetup.ini"
     ini.write_text(DTSETUP_INI)
     key = work / "key"
     ensure_key(key)
     house, _ = build_wheelhouse()
+    first = _house_of(from_rev, work) if from_rev else house
     vip = lab.address("node1").rsplit(".", 1)[0] + ".100"
     spec_path = work / "cluster.yaml"
     addrs = {n: lab.address(n) for n in lab.nodes}
@@ -76,8 +96,8 @@ def run(lab: Lab, rounds: int, work: Path) -> dict[str, Any]:
     for n in lab.nodes:
         lab.exec(n, ["mkdir", "-p", "/srv/data"])
     connect = fabric_connector(ssh_config=lab.ssh_config)
-    o = DeployOptions(ini=ini, wheelhouse=house, auth_key=key)
-    out: dict[str, list[float]] = {}
+    o = DeployOptions(ini=ini, wheelhouse=first, auth_key=key)
+    out: dict[str, Any] = {}
 
     def add(name: str, fn: Callable[[], PlaybookResult]) -> PlaybookResult:
         took, res = _timed(fn)
@@ -109,8 +129,13 @@ def run(lab: Lab, rounds: int, work: Path) -> dict[str, Any]:
     new = work / "house-new"
     bumped_wheelhouse(house, new, "bench")
     on = DeployOptions(ini=ini, wheelhouse=new, auth_key=key)
-    add("upgrade (rolling, 3 nodes)", lambda: upgrade(lab.nodes, connect, on))
-    add("upgrade (second run, no change)", lambda: upgrade(lab.nodes, connect, on))
+    roll = functools.partial(upgrade, lab.nodes, connect, on, sync_timeout=sync_timeout)
+    try:
+        add(f"upgrade (rolling, 3 nodes{', from ' + from_rev if from_rev else ''})", roll)
+    except RuntimeError as e:
+        print(f"  upgrade FAILED:\n{e}", flush=True)
+        return {"upgrade_failed": str(e), **{k: summary(v, 2) for k, v in out.items()}}
+    add("upgrade (second run, no change)", roll)
     return {name: summary(v, 2) for name, v in out.items()}
 
 
@@ -119,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="verify runs per mode (default 3)")
     p.add_argument("--prefix", default="dtpb", help="lab prefix (default dtpb)")
     p.add_argument("--json", default="playbooks", help="result file (bench/results/NAME.json)")
+    p.add_argument(
+        "--from", dest="from_rev", help="install git revision REV first, upgrade from it"
+    )
+    p.add_argument("--sync-timeout", type=float, default=600.0, help="upgrade resync wait (s)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_playbooks needs root (the lab)", file=sys.stderr)
@@ -133,16 +162,26 @@ def main(argv: list[str] | None = None) -> int:
         lab.down()
         lab.up(timeout=180)
         with tempfile.TemporaryDirectory(prefix="bench-playbooks-") as tmp:
-            results = run(lab, args.rounds, Path(tmp))
+            results = run(
+                lab,
+                args.rounds,
+                Path(tmp),
+                from_rev=args.from_rev,
+                sync_timeout=args.sync_timeout,
+            )
     finally:
         lab.down()
-    width = max(len(k) for k in results)
+    timings = {k: v for k, v in results.items() if isinstance(v, dict)}
+    width = max(len(k) for k in timings)
     print(f"\n{'what':<{width}}  median    min    max  n")
-    for name, s in results.items():
+    for name, s in timings.items():
         print(f"{name:<{width}}  {s['median']:6.1f} {s['min']:6.1f} {s['max']:6.1f}  {s['n']}")
-    path = write_json(args.json, {"machine": info, "rounds": args.rounds, "seconds": results})
+    doc = {"machine": info, "rounds": args.rounds, "from": args.from_rev, "seconds": timings}
+    if "upgrade_failed" in results:
+        doc["upgrade_failed"] = results["upgrade_failed"]
+    path = write_json(args.json, doc)
     print(f"\nwritten {path}")
-    return 0
+    return 1 if "upgrade_failed" in results else 0
 
 
 if __name__ == "__main__":
