@@ -451,3 +451,65 @@ def test_restore_from_an_empty_target_copy_is_refused(tmp_path: Any, service: Fa
     a.call("mirror", con_id=cid, action="start", mode="full")  # the way back
     settle(a, cid)
     assert_same(src, dst)
+
+
+def test_auto_disconnect_and_reconnect_counters_move(tmp_path: Any, service: Factory) -> None:
+    """Queue exhausted while the target is down: auto-disconnect, then auto-reconnect and
+    auto-remirror when it is back; DTStat's SOURCE block counts both."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    write(os.path.join(src, "a.txt"), "x")
+    a = service("a", start=False, queue={"memory_max_mb": 0.02, "disk_max_mb": 0.05})
+    a.extra["queue"]["disk_folder"] = os.path.join(a.root, "state", "queue")
+    a.start()
+    b = service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, dst)
+    settle(a, cid)
+    s = dtstat(a)["SOURCE"]
+    assert (s["autoDisConnects"], s["autoReConnects"]) == (0, 0)
+    b.stop()
+    for i in range(3000):
+        write(os.path.join(src, f"d{i % 20:02}", f"file-with-a-long-name-{i:05}"), b"y" * 200)
+    until(lambda: dtstat(a)["SOURCE"]["autoDisConnects"] == 1, "autoDisConnects 1", timeout=60)
+    assert a.call("status")["connections"][0]["target_data_state"] == "Mirror Required"
+    b.start()
+    until(lambda: dtstat(a)["SOURCE"]["autoReConnects"] == 1, "autoReConnects 1", timeout=60)
+    st = settle(a, cid)
+    assert st["target_data_state"] == "OK"
+    assert_same(src, dst)
+
+
+def test_resent_ops_counted_after_the_target_froze_and_died(
+    tmp_path: Any, service: Factory
+) -> None:
+    """Ops sent to a target that stops answering (SIGSTOP) and then dies (SIGKILL) are
+    sent again from the unacknowledged window when it is back: conResentOpCount."""
+    import json
+    import signal
+
+    src, dst, a, b, cid = setup_pair(tmp_path, service)
+    write(os.path.join(src, "warm"), "x")
+    settle(a, cid)
+    # The target saves its applied position lazily (its saver thread): wait until the
+    # saved one is the applied one, so after the kill it resumes from there (a resend)
+    # instead of asking for a difference mirror.
+    applied = b.call("status")["targets"][0]["last_seq"]
+
+    def saved() -> int:
+        with open(os.path.join(b.root, "state", "targets.json"), encoding="utf-8") as fh:
+            return int(json.load(fh)[0]["last_seq"])
+
+    until(lambda: saved() == applied, "target position saved")
+    assert dtstat(a)["CONNECTION"][0]["conResentOpCount"] == 0
+    assert b.proc is not None
+    os.kill(b.proc.pid, signal.SIGSTOP)  # receives nothing more, acknowledges nothing
+    try:
+        for i in range(20):
+            write(os.path.join(src, "burst", f"f{i}"), os.urandom(50_000))
+        until(lambda: a.call("status")["connections"][0]["unacked_ops"] > 0, "unacked ops")
+    finally:
+        b.kill9()
+    b.start()
+    settle(a, cid)
+    assert_same(src, dst)
+    assert dtstat(a)["CONNECTION"][0]["conResentOpCount"] > 0
