@@ -925,7 +925,9 @@ class Connection:
         size = st.st_size
         track = size >= BIG_FILE
         hashes: list[int] | None = [] if track else None
-        self._emit(Op(OpKind.FILE_BEGIN, r))
+        # Without holes, the size lets the target allocate the file's blocks up front.
+        dense = size >= BIG_FILE and st.st_blocks * 512 >= size
+        self._emit(Op(OpKind.FILE_BEGIN, r, size=size if dense else None))
         hpos = 0  # the signature is computed from the chunks as they are read
         for off, length in self._data_extents(fd, size):
             end = off + length

@@ -692,3 +692,19 @@ def test_whole_runs_are_independent_paths() -> None:
     assert len(_whole_run(nested, 0, 0)) == 1
     mixed = [w("e/1", 1), Op(K.RENAME, "e", seq=2, new_path="f"), w("e/2", 3)]
     assert len(_whole_run(mixed, 0, 0)) == 1
+
+
+def test_file_begin_size_preallocates_and_file_end_trims(root: Path, tree: TargetTree) -> None:
+    """A size on FILE_BEGIN (a file without holes) allocates it up front; if the file
+    shrank meanwhile, FILE_END still leaves exactly the sent length and data."""
+    mb = 1024 * 1024
+    chunk = os.urandom(mb)
+    for name, planned, sent in (("same", 3 * mb, 3), ("shrank", 3 * mb, 2), ("grew", 2 * mb, 3)):
+        tree.apply(Op(K.FILE_BEGIN, name, size=planned))
+        for i in range(sent):
+            tree.apply(Op(K.WRITE, name, offset=i * mb, data=chunk))
+        tree.apply(Op(K.FILE_END, name, size=sent * mb, mode=0o644, mtime_ns=MTIME))
+        st = os.stat(root / name)
+        assert st.st_size == sent * mb and st.st_mtime_ns == MTIME
+        assert (root / name).read_bytes() == chunk * sent
+    assert listing(root) == ["grew", "same", "shrank"]
