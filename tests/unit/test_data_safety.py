@@ -455,7 +455,9 @@ def test_event_texts_and_log_series_rotation(tmp_path: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- verify hashing
-@pytest.mark.parametrize("size", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5])
+@pytest.mark.parametrize(
+    "size", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 16 * BLOCK, 33 * BLOCK + 7]
+)
 def test_verify_block_hashes_equal_the_targets_function(tmp_path: Any, size: int) -> None:
     from dtake.service.apply import block_hashes_fd
 
