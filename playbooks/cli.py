@@ -4,7 +4,7 @@
     python -m playbooks cluster   --spec cluster.yaml
     python -m playbooks resources --spec cluster.yaml [--check] [--diff]
     python -m playbooks verify    --spec cluster.yaml | --hosts ...
-    python -m playbooks upgrade   --spec cluster.yaml --ini DTSetup.ini
+    python -m playbooks upgrade   --spec cluster.yaml --ini DTSetup.ini [--allow-protocol-break]
     python -m playbooks validate  --spec cluster.yaml
 
 Common: ``--ssh-config F`` (or ``--lab PREFIX`` for a lab/ cluster), ``--user``,
@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for upgraded targets to resync before moving (default 600)",
     )
     u.add_argument("--dtake-bin", default="/opt/dtake/venv/bin/dtake", help="dtake on the hosts")
+    u.add_argument(
+        "--allow-protocol-break",
+        action="store_true",
+        help="roll even if the running and new builds share no peer protocol version "
+        "(replication between old and upgraded nodes pauses: docs/playbooks.md)",
+    )
     return ap
 
 
@@ -196,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         from playbooks.upgrade import upgrade
 
         res = upgrade(
-            hosts, _connector(args), o, sync_timeout=args.sync_timeout, dtake_bin=args.dtake_bin
+            hosts,
+            _connector(args),
+            o,
+            sync_timeout=args.sync_timeout,
+            dtake_bin=args.dtake_bin,
+            allow_protocol_break=args.allow_protocol_break,
         )
         return _emit(res, args)
     if args.command == "cluster":

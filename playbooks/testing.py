@@ -8,8 +8,9 @@ command and upload is recorded in ``remote.calls`` / ``remote.files``. An unscri
 command fails the test loudly (rc 127 plus an entry in ``remote.unexpected``).
 
 ``fresh_host`` / ``converged_host`` are scripted deploy targets (never deployed /
-already deployed with given options); ``bumped_wheelhouse`` builds the "newer version"
-an upgrade test installs.
+already deployed with given options), ``running_host`` one that runs an older build
+(its ``dtake --json status``); ``bumped_wheelhouse`` builds the "newer version" an
+upgrade test installs, ``fake_dtake_wheel`` a stand-in wheel with a given protocol range.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ __all__ = [
     "bumped_wheelhouse",
     "converged_host",
     "dtsetup_json",
+    "fake_dtake_wheel",
     "fresh_host",
+    "running_host",
     "scripted_connector",
 ]
 
@@ -58,8 +61,14 @@ class ScriptedRemote:
         stdout: str = "",
         stderr: str = "",
         times: int | None = None,
+        first: bool = False,
     ) -> ScriptedRemote:
-        self.rules.append(Rule(pattern, rc, stdout, stderr, times))
+        """Add a rule (last; ``first``: before the others, to override one)."""
+        rule = Rule(pattern, rc, stdout, stderr, times)
+        if first:
+            self.rules.insert(0, rule)
+        else:
+            self.rules.append(rule)
         return self
 
     def run(self, command: str, *, timeout: float | None = None, check: bool = False) -> CmdResult:
@@ -182,8 +191,51 @@ def dtsetup_json(host: str, changed: bool) -> str:
     )
 
 
+STATUS = r"dtake --json status$"
+
+
+def fake_dtake_wheel(
+    dest: Path, *, version: str = "0.2.0", protocol: tuple[int, int] | None = (2, 2)
+) -> Path:
+    """A stand-in dtake wheel in DEST (a zip with the two protocol constants the upgrade
+    playbook reads: ``MIN_PROTOCOL_VERSION`` in auth.py, ``PROTOCOL_VERSION`` in
+    framing.py); ``protocol=None``: without them."""
+    import zipfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    whl = dest / f"dtake-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("dtake/__init__.py", f'__version__ = "{version}"\n')
+        if protocol is not None:
+            z.writestr("dtake/protocol/auth.py", f"MIN_PROTOCOL_VERSION = {protocol[0]}\n")
+            z.writestr("dtake/protocol/framing.py", f"PROTOCOL_VERSION = {protocol[1]}\n")
+    return whl
+
+
 def fresh_host(name: str) -> ScriptedRemote:
-    """A host the deploy playbook never touched: everything it does is a change."""
+    """A host the deploy playbook never touched: everything it does is a change (and it
+    has no dtake: its ``dtake --json status`` is "command not found")."""
+    r = _deploy_target(name)
+    r.script(STATUS, rc=127, stderr="/opt/dtake/venv/bin/dtake: No such file or directory")
+    return r
+
+
+def running_host(
+    name: str, protocol: tuple[int, int] | None, *, version: str = "0.1.0"
+) -> ScriptedRemote:
+    """A host to upgrade that runs dtake VERSION now: its ``dtake --json status`` reports
+    PROTOCOL (None: no ``protocol`` key, as builds before it)."""
+    import json
+
+    st: dict[str, object] = {"node": name, "version": version, "connections": []}
+    if protocol is not None:
+        st["protocol"] = list(protocol)
+    r = _deploy_target(name)
+    r.script(STATUS, stdout=json.dumps(st))
+    return r
+
+
+def _deploy_target(name: str) -> ScriptedRemote:
     r = ScriptedRemote(name)
     r.script(r"^uname -n$", stdout=f"{name}\n")
     r.script(r"^test -d ", rc=1)

@@ -2,7 +2,13 @@
 
 0. Plan: a check-mode deploy of the new wheelhouse on every host says which hosts need
    it. None: nothing is touched (a second run changes nothing). A host that cannot be
-   planned (unreachable, dtsetup error) stops the run before anything changed.
+   planned (unreachable, dtsetup error) stops the run before anything changed. Then the
+   peer protocol check: the new build's range [MIN, MAX] (read from its wheel) must
+   overlap the range each host to upgrade runs now (``dtake --json status``, its
+   ``protocol`` key; a status without it is a build that speaks protocol 1 only), else
+   old and upgraded nodes could not replicate during the roll and the run is refused
+   before anything changed, unless ``allow_protocol_break`` (then a warning, and the roll
+   runs; its resync gate stops it before the move: see docs/playbooks.md).
 1. "Move all cluster resources to one node": the node that is active now (it holds the
    promoted instances, else the most resources) stays; the other nodes to upgrade go to
    standby.
@@ -35,15 +41,28 @@ from playbooks.deploy import DeployOptions, _host
 from playbooks.pacemaker import CRM_MON_ATTRS, Status, parse_crm_mon, status
 from playbooks.recap import CHANGED, FAILED, OK, SKIPPED, HostResult, PlaybookResult
 from playbooks.remote import Connector, Remote, run_hosts
-from playbooks.reports import Finding
-from playbooks.wheelhouse import manifest
+from playbooks.reports import WARNING, Finding
+from playbooks.wheelhouse import manifest, wheel_protocol
 
-__all__ = ["DTAKE_BIN", "OK_TEXT", "NotInSync", "in_sync", "upgrade", "wait_in_sync"]
+__all__ = [
+    "DTAKE_BIN",
+    "LEGACY_PROTOCOL",
+    "OK_TEXT",
+    "NotInSync",
+    "in_sync",
+    "status_protocol",
+    "upgrade",
+    "wait_in_sync",
+]
 
 OK_TEXT = "The status of all targets is OK."
 PROMOTED = ("Promoted", "Master")
 T = TypeVar("T")
 DTAKE_BIN = "/opt/dtake/venv/bin/dtake"  # <DOUBLETAKEFOLDER>/venv/bin/dtake
+# The range of a node whose status has no "protocol" key: builds before that key speak
+# protocol 1 only (every build that speaks 2 reports the key).
+LEGACY_PROTOCOL = (1, 1)
+NOT_FOUND = 127  # the shell's "command not found": dtake is not installed there
 
 
 class NotInSync(Exception):
@@ -134,6 +153,41 @@ def _connection_errors(connect: Connector, node: str, dtake_bin: str) -> str:
     return f"; connection errors on {node}: " + "; ".join(errors) if errors else ""
 
 
+def status_protocol(status: dict[str, object]) -> tuple[int, int]:
+    """The peer protocol range [MIN, MAX] a node runs, from its ``dtake --json status``;
+    ValueError for a malformed value."""
+    p = status.get("protocol")
+    if p is None:
+        return LEGACY_PROTOCOL
+    if isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p) and 1 <= p[0] <= p[1]:
+        return p[0], p[1]
+    raise ValueError(f"unexpected protocol value {p!r}")
+
+
+def _fmt(r: tuple[int, int]) -> str:
+    return f"[{r[0]}, {r[1]}]"
+
+
+def _running_protocol(remote: Remote, dtake_bin: str) -> tuple[tuple[int, int] | None, str]:
+    """Read-only: (the protocol range the node runs, what to say). The range is None when
+    dtake is not installed there (the text says so) or cannot be told (the text starts
+    with "cannot tell")."""
+    r = remote.run(f"{shlex.quote(dtake_bin)} --json status", timeout=30)
+    if r.rc == NOT_FOUND:
+        return None, f"{dtake_bin} not installed: no old build to replicate with"
+    if not r.ok:
+        return None, f"cannot tell its protocol: `dtake --json status` exited {r.rc}: {r.tail()}"
+    try:
+        st = json.loads(r.stdout)
+        if not isinstance(st, dict):
+            raise ValueError("not a JSON object")
+        running = status_protocol(st)
+    except ValueError as e:
+        return None, f"cannot tell its protocol: `dtake --json status`: {e}"
+    version = f"dtake {st['version']}, " if isinstance(st.get("version"), str) else ""
+    return running, f"runs {version}protocol {_fmt(running)}"
+
+
 def upgrade(
     hosts: list[str],
     connect: Connector,
@@ -142,12 +196,19 @@ def upgrade(
     sync_timeout: float = 600.0,
     settle_timeout: float = 300.0,
     dtake_bin: str = DTAKE_BIN,
+    allow_protocol_break: bool = False,
 ) -> PlaybookResult:
     t0 = time.monotonic()
     result = PlaybookResult("upgrade")
     wheels = manifest(o.wheelhouse)
     if not wheels:
         result.findings.append(Finding("NO_WHEELS", f"no wheels in {o.wheelhouse}"))
+        return result
+    try:
+        new_protocol = wheel_protocol(o.wheelhouse)
+    except ValueError as e:
+        msg = f"cannot read the new build's peer protocol range: {e}"
+        result.findings.append(Finding("NO_PROTOCOL", msg))
         return result
     per_host = {h: HostResult(h) for h in hosts}
     result.hosts = list(per_host.values())
@@ -260,6 +321,75 @@ def upgrade(
         standby([hold], False)
         resynced([hold], hold, "the last node rejoined")
 
+    def protocol_ok(needs: list[str]) -> bool:
+        """0b. Can the hosts to upgrade replicate with the new build (read-only)? False:
+        the run stops here, nothing changed (a refusal, or a host that went away)."""
+        running: dict[str, tuple[tuple[int, int] | None, str]] = {}
+
+        def probe(remote: Remote, res: HostResult) -> None:
+            running[res.host] = _running_protocol(remote, dtake_bin)
+
+        probed = {
+            r.host: r
+            for r in run_hosts(needs, connect, probe, forks=o.forks, host_timeout=o.host_timeout)
+        }
+        gone = [h for h in needs if probed[h].failed or h not in running]
+        if gone:  # unreachable now, or the probe itself failed: stop as the plan does
+            for h in hosts:
+                if h in gone:
+                    per_host[h].unreachable = probed[h].unreachable
+                    per_host[h].tasks.extend(t for t in probed[h].tasks if t.status == FAILED)
+                else:
+                    per_host[h].add("upgrade", SKIPPED, f"not started: {', '.join(gone)} failed")
+            return False
+        new = _fmt(new_protocol)
+        breaks: dict[str, str] = {}
+        for h in needs:
+            rng, text = running[h]
+            if rng is None and not text.startswith("cannot tell"):
+                per_host[h].add("protocol", OK, text)
+            elif rng is not None and max(rng[0], new_protocol[0]) <= min(rng[1], new_protocol[1]):
+                per_host[h].add("protocol", OK, f"{text}, the new build {new}")
+            elif rng is not None:
+                breaks[h] = f"{text}: no common version with the new build's {new}"
+            else:
+                breaks[h] = text
+        if not breaks:
+            return True
+        why = (
+            f"the new build speaks peer protocol {new}; "
+            + "; ".join(f"{h}: {m}" for h, m in breaks.items())
+            + ". Old and upgraded nodes could not replicate during the roll (the resync gate "
+            "would stop it before the move, with replication broken)"
+        )
+        if allow_protocol_break:
+            result.findings.append(
+                Finding(
+                    "PROTOCOL_BREAK",
+                    f"{why}. --allow-protocol-break: rolling anyway; replication between "
+                    f"the old build on {', '.join(breaks)} and the upgraded nodes pauses "
+                    "until the last node is upgraded, so the resync gate may stop the roll "
+                    "before the move: finish and check as docs/playbooks.md (upgrade) says",
+                    severity=WARNING,
+                )
+            )
+            for h, m in breaks.items():
+                per_host[h].add("protocol", OK, f"{m} (--allow-protocol-break)")
+            return True
+        result.findings.append(
+            Finding(
+                "PROTOCOL_BREAK",
+                f"{why}. Nothing was changed; upgrade in a maintenance window or pass "
+                "--allow-protocol-break (docs/playbooks.md, upgrade)",
+            )
+        )
+        for h in hosts:
+            if h in breaks:
+                per_host[h].add("protocol", FAILED, f"{breaks[h]}: refused, nothing changed")
+            else:
+                per_host[h].add("upgrade", SKIPPED, "not started: peer protocol break")
+        return False
+
     # 0. plan: who is not on the wheelhouse's version yet (check mode writes nothing)
     plan = deploy_to(hosts, dataclasses.replace(o, check=True, diff=False, retry_file=None))
     unplanned = [h for h in hosts if plan[h].failed]
@@ -276,6 +406,9 @@ def upgrade(
     for h in hosts:
         if h not in needs:
             per_host[h].add("version", OK, "already installed from this wheelhouse")
+    if needs and not protocol_ok(needs):
+        result.seconds = time.monotonic() - t0
+        return result
     try:
         if needs:
             roll(needs)

@@ -8,14 +8,24 @@ every run and a second deploy would not report ``changed=0``.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
-__all__ = ["REPO", "SOURCES", "build_wheelhouse", "manifest", "source_digest"]
+__all__ = [
+    "PROTOCOL_CONSTANTS",
+    "REPO",
+    "SOURCES",
+    "build_wheelhouse",
+    "manifest",
+    "source_digest",
+    "wheel_protocol",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = (
@@ -50,6 +60,57 @@ def manifest(house: Path) -> dict[str, str]:
     for f in sorted(house.glob("*.whl")):
         out[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
+
+
+# (file in the dtake wheel, module-level constant): the oldest and newest peer protocol
+# versions the build speaks (its HELLO offers [MIN, MAX]).
+PROTOCOL_CONSTANTS = (
+    ("dtake/protocol/auth.py", "MIN_PROTOCOL_VERSION"),
+    ("dtake/protocol/framing.py", "PROTOCOL_VERSION"),
+)
+
+
+def _int_constant(source: str, name: str) -> int | None:
+    """The value of a module-level ``NAME = <int>`` in SOURCE (None: not there)."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        hit = any(isinstance(t, ast.Name) and t.id == name for t in targets)
+        if hit and isinstance(value, ast.Constant) and type(value.value) is int:
+            return value.value
+    return None
+
+
+def wheel_protocol(house: Path) -> tuple[int, int]:
+    """The peer protocol range [MIN, MAX] of the dtake wheel in HOUSE, read from its
+    sources inside the wheel (a zip) without installing it. ValueError says what is
+    missing: no or several dtake wheels, a file or a constant not found."""
+    wheels = sorted(house.glob("dtake-*.whl"))
+    if len(wheels) != 1:
+        found = ", ".join(w.name for w in wheels) or "none"
+        raise ValueError(f"expected one dtake wheel in {house}, found {found}")
+    values: list[int] = []
+    try:
+        with zipfile.ZipFile(wheels[0]) as z:
+            for member, name in PROTOCOL_CONSTANTS:
+                try:
+                    source = z.read(member).decode("utf-8")
+                except KeyError:
+                    raise ValueError(f"{wheels[0].name}: no {member} in the wheel") from None
+                value = _int_constant(source, name)
+                if value is None:
+                    raise ValueError(f"{wheels[0].name}: no `{name} = <int>` in {member}")
+                values.append(value)
+    except (zipfile.BadZipFile, SyntaxError, UnicodeDecodeError) as e:
+        raise ValueError(f"{wheels[0].name}: unreadable ({type(e).__name__}: {e})") from e
+    lo, hi = values
+    if lo > hi:
+        raise ValueError(f"{wheels[0].name}: protocol range [{lo}, {hi}] is empty")
+    return lo, hi
 
 
 def build_wheelhouse(

@@ -1,16 +1,29 @@
-"""The rolling upgrade [L503-507] on scripted hosts: plan, order, resync gate, stuck move."""
+"""The rolling upgrade [L503-507] on scripted hosts: plan, protocol check, order, resync
+gate, stuck move."""
 
 from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 
+import pytest
+
+from playbooks.cli import _parser
 from playbooks.deploy import DeployOptions
 from playbooks.pacemaker import parse_crm_mon
-from playbooks.recap import EXIT_FAILED, EXIT_OK
-from playbooks.testing import ScriptedRemote, converged_host, fresh_host, scripted_connector
-from playbooks.upgrade import OK_TEXT, in_sync, upgrade
+from playbooks.recap import EXIT_FAILED, EXIT_OK, EXIT_SPEC
+from playbooks.testing import (
+    ScriptedRemote,
+    converged_host,
+    fake_dtake_wheel,
+    fresh_host,
+    running_host,
+    scripted_connector,
+)
+from playbooks.upgrade import OK_TEXT, in_sync, status_protocol, upgrade
+from playbooks.wheelhouse import REPO, wheel_protocol
 
 NODES = ["node1", "node2", "node3"]
 
@@ -50,10 +63,9 @@ def synced(promoted: str) -> dict[str, dict[str, str]]:
     }
 
 
-def _opts(tmp: Path) -> DeployOptions:
+def _opts(tmp: Path, protocol: tuple[int, int] | None = (2, 2)) -> DeployOptions:
     house = tmp / "wh"
-    house.mkdir()
-    (house / "dtake-0.2.0-py3-none-any.whl").write_bytes(b"new wheel")
+    fake_dtake_wheel(house, protocol=protocol)
     ini = tmp / "DTSetup.ini"
     ini.write_text("[Config]\nDTACTIVATIONCODE=123456789012345678901234\n")
     key = tmp / "key"
@@ -149,8 +161,9 @@ def test_a_host_that_cannot_be_planned_stops_before_anything_changes(tmp_path: P
 
 
 def test_targets_that_do_not_resync_stop_the_roll_before_the_move(tmp_path: Path) -> None:
-    """E.g. a new version the old one cannot replicate to: the resources stay on the held
-    node, and the failure says why (the source's replication errors)."""
+    """E.g. a new version the old one cannot replicate to (rolled with
+    --allow-protocol-break): the resources stay on the held node, and the failure says why
+    (the source's replication errors)."""
     o = _opts(tmp_path)
     remotes = {n: fresh_host(n) for n in NODES}
     ctl = remotes["node1"]
@@ -162,12 +175,127 @@ def test_targets_that_do_not_resync_stop_the_roll_before_the_move(tmp_path: Path
     ctl.script(r"^crm_resource --wait")
     err = "Connection failed: peer speaks protocol version 2, this node 1 (error -157)"
     status = {"connections": [{"target": "node1:6320", "state": "Error", "last_error": err}]}
-    remotes["node2"].script(r"dtake --json status$", stdout=json.dumps(status))
-    res = upgrade(NODES, scripted_connector(remotes), o, sync_timeout=0)
+    # no "protocol" key: a protocol-1 build, refused by the plan without the flag
+    remotes["node2"].script(r"dtake --json status$", stdout=json.dumps(status), first=True)
+    res = upgrade(NODES, scripted_connector(remotes), o, sync_timeout=0, allow_protocol_break=True)
     assert res.exit_code == EXIT_FAILED, res.render()
     text = res.render()
+    assert "WARNING PROTOCOL_BREAK" in text
     assert "stopped before the move, resources stay on node2" in text
     assert "Target node1 is pending" in text and err in text
     assert not ctl.ran("--node node2 --name standby --update on")
     assert not remotes["node2"].ran(r"dtsetup apply (?!.*--check)")
     assert ctl.ran("--node node3 --name standby --update off")  # upgraded ones are back
+
+
+# ------------------------------------------------------------ peer protocol compatibility
+# What a refused plan may run: the check-mode deploy and the status query, nothing else.
+READ_ONLY = re.compile(r"^uname -n$|^test -d |^sha256sum |^ls |^cat |dtake --json status$")
+
+
+def test_status_protocol_absent_key_is_protocol_1() -> None:
+    assert status_protocol({"version": "0.1.0"}) == (1, 1)
+    assert status_protocol({"protocol": [2, 3]}) == (2, 3)
+    for bad in ([3, 2], [2], "2", [0, 1], [1.0, 2]):
+        with pytest.raises(ValueError):
+            status_protocol({"protocol": bad})
+
+
+def test_wheel_protocol_reads_this_trees_constants(tmp_path: Path) -> None:
+    """The range read from a wheel holding this tree's protocol modules is the one they
+    define (a change of how the constants are written fails here, not in a roll)."""
+    from dtake.protocol.auth import MIN_PROTOCOL_VERSION
+    from dtake.protocol.framing import PROTOCOL_VERSION
+
+    with zipfile.ZipFile(tmp_path / "dtake-9.9-py3-none-any.whl", "w") as z:
+        for rel in ("dtake/protocol/auth.py", "dtake/protocol/framing.py"):
+            z.write(REPO / rel, rel)
+    assert wheel_protocol(tmp_path) == (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+
+
+def test_a_wheel_without_the_constants_is_refused_before_any_host(tmp_path: Path) -> None:
+    o = _opts(tmp_path, protocol=None)
+    remotes = {n: fresh_host(n) for n in NODES}
+    res = upgrade(NODES, scripted_connector(remotes), o)
+    assert res.exit_code == EXIT_SPEC, res.render()
+    assert [f.code for f in res.findings] == ["NO_PROTOCOL"]
+    assert "no dtake/protocol/auth.py in the wheel" in res.render()
+    assert all(not r.calls for r in remotes.values())
+
+
+def test_overlapping_protocols_roll(tmp_path: Path) -> None:
+    o = _opts(tmp_path, protocol=(2, 3))
+    remotes = {n: running_host(n, (1, 2)) for n in NODES}
+    _pacemaker(remotes["node1"], before="node2", after="node1")
+    res = upgrade(NODES, scripted_connector(remotes), o, sync_timeout=5)
+    assert res.exit_code == EXIT_OK and not res.findings, res.render()
+    assert all(not r.unexpected for r in remotes.values())
+    for h in res.hosts:
+        t = next(t for t in h.tasks if t.name == "protocol")
+        assert t.msg == "runs dtake 0.1.0, protocol [1, 2], the new build [2, 3]"
+    assert len(remotes["node2"].ran(r"dtsetup apply (?!.*--check)")) == 1
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        pytest.param(None, id="no-protocol-key"),
+        pytest.param("service down", id="status-fails"),
+    ],
+)
+def test_no_common_protocol_is_refused_before_any_change(
+    tmp_path: Path, status: str | None
+) -> None:
+    o = _opts(tmp_path)
+    remotes = {n: running_host(n, None) for n in NODES}
+    if status:
+        remotes["node3"].script(r"dtake --json status$", rc=1, stderr=status, first=True)
+    res = upgrade(NODES, scripted_connector(remotes), o)
+    assert res.exit_code == EXIT_FAILED, res.render()
+    for r in remotes.values():
+        assert r.calls and all(READ_ONLY.search(c) for c in r.calls), r.calls
+        assert not r.unexpected and not r.files
+    doc = json.loads(res.to_json())
+    assert doc["exit_code"] == EXIT_FAILED and not doc["changed"]
+    (f,) = doc["findings"]
+    assert f["code"] == "PROTOCOL_BREAK" and f["severity"] == "error"
+    assert "the new build speaks peer protocol [2, 2]" in f["message"]
+    assert "--allow-protocol-break" in f["message"]
+    tasks = {h["host"]: h["tasks"][-1] for h in doc["hosts"]}
+    assert tasks["node1"]["status"] == "failed"
+    assert "runs dtake 0.1.0, protocol [1, 1]: no common version" in tasks["node1"]["msg"]
+    if status:
+        assert "cannot tell its protocol" in tasks["node3"]["msg"]
+        assert "service down" in tasks["node3"]["msg"]
+    assert doc["failed_hosts"] == NODES
+
+
+def test_a_host_without_dtake_has_nothing_to_break(tmp_path: Path) -> None:
+    """Not installed ("command not found"): no old build to replicate with."""
+    o = _opts(tmp_path)
+    remotes = {n: running_host(n, (2, 2)) for n in NODES[:2]}
+    remotes["node3"] = fresh_host("node3")
+    _pacemaker(remotes["node1"], before="node2", after="node1")
+    res = upgrade(NODES, scripted_connector(remotes), o, sync_timeout=5)
+    assert res.exit_code == EXIT_OK and not res.findings, res.render()
+    t = next(t for t in res.hosts[2].tasks if t.name == "protocol")
+    assert "not installed" in t.msg
+
+
+def test_allow_protocol_break_rolls_with_a_warning(tmp_path: Path) -> None:
+    o = _opts(tmp_path)
+    remotes = {n: running_host(n, None) for n in NODES}
+    _pacemaker(remotes["node1"], before="node2", after="node1")
+    res = upgrade(NODES, scripted_connector(remotes), o, sync_timeout=5, allow_protocol_break=True)
+    assert res.exit_code == EXIT_OK, res.render()
+    (f,) = res.findings
+    assert (f.code, f.severity) == ("PROTOCOL_BREAK", "warning")
+    assert "between the old build on node1, node2, node3 and the upgraded nodes" in f.message
+    assert res.render().startswith("WARNING PROTOCOL_BREAK ")
+    assert all(len(r.ran(r"dtsetup apply (?!.*--check)")) == 1 for r in remotes.values())
+
+
+def test_cli_upgrade_takes_allow_protocol_break() -> None:
+    base = ["upgrade", "--hosts", "a", "--ini", "x.ini"]
+    assert not _parser().parse_args(base).allow_protocol_break
+    assert _parser().parse_args([*base, "--allow-protocol-break"]).allow_protocol_break
