@@ -147,6 +147,12 @@ class SessionQueue:
     def __call__(self) -> tuple[Any, Any]:
         return self.recv_obj()
 
+    def pending(self) -> bool:
+        """Its frames may still be applied: the source is connected, or it is gone but the
+        session's applier still runs (e.g. the target is paused), so what the source left
+        is still queued. Once the session has ended, leftovers are never applied."""
+        return self._error is None or self.state.session is self.fs
+
     def discard(self) -> tuple[int, int]:
         """Drop every queued frame and end the session: (ops, bytes) dropped. Requests
         go too: the session ends, so no answer could reach the source anyway."""
@@ -217,9 +223,8 @@ class TargetQueues:
     def figures_for(self, uuid: str) -> dict[str, Any]:
         with self._lock:
             s = self.sessions.get(uuid)
-        if s is None:
+        if s is None or not s.pending():
             return {"ops": 0, "bytes": 0}
-        # A source that is gone may leave frames behind (target paused): still queued.
         return {"ops": s.ops, "bytes": s.bytes}
 
     def discard(self, uuid: str, *, reason: str = "target queue discarded") -> dict[str, Any]:
@@ -258,7 +263,7 @@ class TargetQueues:
 
     def show(self) -> dict[str, Any]:
         with self._lock:
-            live = {u: s for u, s in self.sessions.items() if s._error is None or s.frames}
+            live = {u: s for u, s in self.sessions.items() if s.pending()}
         return {
             "status": self.status(),
             "paused": self.paused,

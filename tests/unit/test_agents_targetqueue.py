@@ -68,7 +68,9 @@ def queued(tmp_path: Path, frames: list[tuple[Any, Any]]) -> tuple[Any, TargetQu
     st = TargetState(uuid="u1", target_path="/srv/r", source_node="node1", repset="r", conn_id=4)
     st.data_state = "OK"
     svc.target.states["u1"] = st
-    sq = tqs.open(st, Wire(frames))
+    wire = Wire(frames)
+    st.session = wire  # the live session (dtake.service.target sets it at open)
+    sq = tqs.open(st, wire)
     deadline = threading.Event()
     for _ in range(200):  # the reader takes the frames off the wire
         if sq.ops + len([f for f in sq.frames if f[0] != MsgType.OPS]) >= len(frames):
@@ -110,8 +112,10 @@ def test_a_source_that_is_gone_leaves_its_queue_visible(tmp_path: Path) -> None:
             break
         threading.Event().wait(0.01)
     assert sq._error is not None
-    assert tqs.figures_for("u1")["ops"] == 1
+    assert tqs.figures_for("u1")["ops"] == 1  # the applier still runs: still queued
     assert tqs.show()["queue_ops"] == 1
+    sq.state.session = None  # the session ended: leftovers are never applied
+    assert tqs.figures_for("u1")["ops"] == 0 and tqs.show()["queue_ops"] == 0
 
 
 def test_discard_by_connection_id_and_unknown_ones(tmp_path: Path) -> None:
