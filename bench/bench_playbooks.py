@@ -4,6 +4,7 @@ rolling upgrade (first run and the no-op second run).
 
     sudo .venv/bin/python -m bench.bench_playbooks [--rounds 3] [--prefix dtpb] [--json PATH]
     sudo .venv/bin/python -m bench.bench_playbooks --from REV --rounds 0 [--sync-timeout 120]
+        [--allow-protocol-break]
 
 Prints a table (median, min, max) and writes JSON (default bench/results/playbooks.json).
 Method: wall time of each playbook function as the CLI calls it (the lab's ssh_config,
@@ -14,7 +15,10 @@ runs again (nothing to do). The lab is taken down at the end, pass or fail.
 
 ``--from REV`` installs first the dtake of git revision REV (``git archive``), so the
 upgrade goes from that release to this tree: the rolling-upgrade compatibility check
-between two builds (a failed upgrade is reported with its recap, not raised).
+between two builds (a failed upgrade is reported with its recap, not raised). From a
+build that shares no peer protocol version with this tree the upgrade's plan refuses
+(PROTOCOL_BREAK, nothing changed); ``--allow-protocol-break`` rolls anyway, as the
+upgrade playbook's flag.
 """
 
 from __future__ import annotations
@@ -80,7 +84,13 @@ def _house_of(rev: str, work: Path) -> Path:
 
 
 def run(
-    lab: Lab, rounds: int, work: Path, *, from_rev: str | None = None, sync_timeout: float = 600
+    lab: Lab,
+    rounds: int,
+    work: Path,
+    *,
+    from_rev: str | None = None,
+    sync_timeout: float = 600,
+    allow_protocol_break: bool = False,
 ) -> dict[str, Any]:
     ini = work / "DTSetup.ini"
     ini.write_text(DTSETUP_INI)
@@ -129,7 +139,14 @@ def run(
     new = work / "house-new"
     bumped_wheelhouse(house, new, "bench")
     on = DeployOptions(ini=ini, wheelhouse=new, auth_key=key)
-    roll = functools.partial(upgrade, lab.nodes, connect, on, sync_timeout=sync_timeout)
+    roll = functools.partial(
+        upgrade,
+        lab.nodes,
+        connect,
+        on,
+        sync_timeout=sync_timeout,
+        allow_protocol_break=allow_protocol_break,
+    )
     try:
         add(f"upgrade (rolling, 3 nodes{', from ' + from_rev if from_rev else ''})", roll)
     except RuntimeError as e:
@@ -148,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         "--from", dest="from_rev", help="install git revision REV first, upgrade from it"
     )
     p.add_argument("--sync-timeout", type=float, default=600.0, help="upgrade resync wait (s)")
+    p.add_argument(
+        "--allow-protocol-break",
+        action="store_true",
+        help="upgrade even across a peer protocol break (as the playbook's flag)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_playbooks needs root (the lab)", file=sys.stderr)
@@ -168,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(tmp),
                 from_rev=args.from_rev,
                 sync_timeout=args.sync_timeout,
+                allow_protocol_break=args.allow_protocol_break,
             )
     finally:
         lab.down()

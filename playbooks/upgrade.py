@@ -350,16 +350,22 @@ def upgrade(
                 per_host[h].add("protocol", OK, text)
             elif rng is not None and max(rng[0], new_protocol[0]) <= min(rng[1], new_protocol[1]):
                 per_host[h].add("protocol", OK, f"{text}, the new build {new}")
-            elif rng is not None:
-                breaks[h] = f"{text}: no common version with the new build's {new}"
             else:
                 breaks[h] = text
+        # what each refused (or allowed) host's task says
+        verdict = {
+            h: f"{m}, the new build {new}: no common version" if running[h][0] else m
+            for h, m in breaks.items()
+        }
         if not breaks:
             return True
+        grouped: dict[str, list[str]] = {}
+        for h, text in breaks.items():
+            grouped.setdefault(text, []).append(h)
         why = (
-            f"the new build speaks peer protocol {new}; "
-            + "; ".join(f"{h}: {m}" for h, m in breaks.items())
-            + ". Old and upgraded nodes could not replicate during the roll (the resync gate "
+            f"no common peer protocol version between the new build ({new}) and "
+            + "; ".join(f"{', '.join(hs)} ({text})" for text, hs in grouped.items())
+            + ": old and upgraded nodes could not replicate during the roll (the resync gate "
             "would stop it before the move, with replication broken)"
         )
         if allow_protocol_break:
@@ -373,8 +379,8 @@ def upgrade(
                     severity=WARNING,
                 )
             )
-            for h, m in breaks.items():
-                per_host[h].add("protocol", OK, f"{m} (--allow-protocol-break)")
+            for h in breaks:
+                per_host[h].add("protocol", OK, f"{verdict[h]} (--allow-protocol-break)")
             return True
         result.findings.append(
             Finding(
@@ -385,7 +391,7 @@ def upgrade(
         )
         for h in hosts:
             if h in breaks:
-                per_host[h].add("protocol", FAILED, f"{breaks[h]}: refused, nothing changed")
+                per_host[h].add("protocol", FAILED, f"{verdict[h]}: refused, nothing changed")
             else:
                 per_host[h].add("upgrade", SKIPPED, "not started: peer protocol break")
         return False

@@ -259,14 +259,21 @@ def test_no_common_protocol_is_refused_before_any_change(
     assert doc["exit_code"] == EXIT_FAILED and not doc["changed"]
     (f,) = doc["findings"]
     assert f["code"] == "PROTOCOL_BREAK" and f["severity"] == "error"
-    assert "the new build speaks peer protocol [2, 2]" in f["message"]
+    assert f["message"].startswith(
+        "no common peer protocol version between the new build ([2, 2]) and node1, node2"
+    )
+    assert "(runs dtake 0.1.0, protocol [1, 1])" in f["message"]
     assert "--allow-protocol-break" in f["message"]
     tasks = {h["host"]: h["tasks"][-1] for h in doc["hosts"]}
     assert tasks["node1"]["status"] == "failed"
-    assert "runs dtake 0.1.0, protocol [1, 1]: no common version" in tasks["node1"]["msg"]
+    assert tasks["node1"]["msg"] == (
+        "runs dtake 0.1.0, protocol [1, 1], the new build [2, 2]: no common version: "
+        "refused, nothing changed"
+    )
     if status:
         assert "cannot tell its protocol" in tasks["node3"]["msg"]
-        assert "service down" in tasks["node3"]["msg"]
+        assert "service down: refused" in tasks["node3"]["msg"]
+        assert "no common version" not in tasks["node3"]["msg"]
     assert doc["failed_hosts"] == NODES
 
 
