@@ -394,7 +394,7 @@ class TargetTree:
         """Remove temp files left by transfers interrupted by a crash; returns how many."""
         with self._lock:
             live = {t.tmp for t in self._transfers.values()}
-            return self._cleanup_fd(os.dup(self._root_fd), live)
+            return self._cleanup_fd(self._reopen_root(), live)
 
     def sync(self) -> None:
         """Flush the target filesystem (syncfs); call before persisting an applied position."""
@@ -443,10 +443,16 @@ class TargetTree:
                 ) from None
         raise OSError(errno.EAGAIN, f"{rel}: could not open parent component {name!r}")
 
+    def _reopen_root(self) -> int:
+        """A new open file description of the root (not os.dup: a dup shares the
+        directory offset, and on btrfs a second listing through it then stopped where
+        the first one ended)."""
+        return os.open(".", _DIR_FLAGS, dir_fd=self._root_fd)
+
     def _open_dir(self, parts: tuple[str, ...], *, create: bool) -> int | None:
         """An owned fd of the directory ``parts`` (walked component by component)."""
         if not parts:
-            return os.dup(self._root_fd)
+            return self._reopen_root()
         rel = "/".join(parts)
         # The first component is opened relative to the root fd itself (no dup/close pair
         # per op: measurable with many small files); every fd we open is ours to close.

@@ -74,8 +74,9 @@ def _tq_figures(svc: Any, uuid: str) -> dict[str, Any]:
     return tq_figures(svc, uuid)
 
 
-# In-band requests answered by dtake.service.datafeatures (data state, close, orphans, read).
-PEER_OPS = frozenset({"data_state", "close", "orphans", "read"})
+# In-band requests answered by dtake.service.datafeatures (data state, close, orphans, read,
+# verification's batched block hashes).
+PEER_OPS = frozenset({"data_state", "close", "orphans", "read", "hashes_batch"})
 
 
 @dataclass

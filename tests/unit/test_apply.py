@@ -708,3 +708,24 @@ def test_file_begin_size_preallocates_and_file_end_trims(root: Path, tree: Targe
         assert st.st_size == sent * mb and st.st_mtime_ns == MTIME
         assert (root / name).read_bytes() == chunk * sent
     assert listing(root) == ["grew", "same", "shrank"]
+
+
+def test_root_reopened_not_dupped(root: Path, tree: TargetTree) -> None:
+    """Each scan of the root gets its own open file description (a dup'd fd shares one,
+    and with it btrfs's cached listing: a second scan then missed replaced entries)."""
+    import fcntl
+
+    first = tree._open_dir((), create=False)
+    second = tree._open_dir((), create=False)
+    assert first is not None and second is not None
+    try:
+        # Status flags live in the open file description: a dup would see the change.
+        fcntl.fcntl(first, fcntl.F_SETFL, fcntl.fcntl(first, fcntl.F_GETFL) | os.O_NONBLOCK)
+        assert not fcntl.fcntl(second, fcntl.F_GETFL) & os.O_NONBLOCK
+        assert not fcntl.fcntl(tree._root_fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        os.close(first)
+        os.close(second)
+    for i in range(3):
+        (root / f"f{i}").write_bytes(b"")
+    assert len(list(tree.scan())) == 3 and len(list(tree.scan())) == 3
