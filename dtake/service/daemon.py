@@ -20,6 +20,8 @@ from typing import Any
 
 from dtake.config import ServiceConfig
 from dtake.errors import DtakeError, E
+from dtake.protocol.auth import MIN_PROTOCOL_VERSION
+from dtake.protocol.framing import PROTOCOL_VERSION
 from dtake.rules import RuleError, RuleSet, parse_rule
 from dtake.service.events import EventLog
 from dtake.service.source import MIRROR_MODES, Connection, ConnRecord
@@ -432,6 +434,9 @@ class Service:
         return {
             "node": self.node_id,
             "version": _version(),
+            # Peer protocol versions this build speaks: the upgrade playbook checks that
+            # old and new builds overlap before a rolling upgrade.
+            "protocol": [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION],
             "port": self.cfg.port,
             "uptime_s": round(time.time() - self.started, 1),
             "connections": conns,
@@ -510,5 +515,10 @@ def serve(cfg: ServiceConfig) -> int:
     done.wait()
     _sd_notify("STOPPING=1")
     ctl.shutdown()
+    ctl.server_close()
+    try:
+        os.unlink(cfg.control_socket)  # supervisor hosts have no RuntimeDirectory= cleanup
+    except FileNotFoundError:
+        pass
     svc.stop()
     return 0

@@ -342,9 +342,12 @@ class Connection:
             self.mirror_sent = 0
             self.mirror_end_seq = None
             self.mirror_queued_done = False
-            datastate.source_event(
-                self, DataEvent.MIRROR_OVERRIDE if override else DataEvent.MIRROR_STARTED
-            )
+        # Outside _lock: announcing the state flushes the batch under _send_lock, and the
+        # sender takes _send_lock then _lock (lock order send -> connection).
+        datastate.source_event(
+            self, DataEvent.MIRROR_OVERRIDE if override else DataEvent.MIRROR_STARTED
+        )
+        with self._lock:
             t = threading.Thread(
                 target=self._mirror_run,
                 args=(mode, self._mirror_cancel),
@@ -739,6 +742,7 @@ class Connection:
 
     def _on_ack(self, seq: int, failed: list[dict[str, Any]]) -> None:
         self.queue.acked(seq)  # trims the queue's logs
+        in_mirror = self.mirror_status != "Idle"  # this ack may complete the mirror
         with self._ack_cond:
             if seq > self.acked_seq:
                 self.acked_seq = seq
@@ -754,7 +758,7 @@ class Connection:
             self.queue.inflight_bytes = self._inflight_bytes
             self._ack_cond.notify_all()
         for f in failed:
-            if self.mirror_status != "Idle":
+            if in_mirror:
                 self.stats["mirror_failures"] += 1  # a mirror's file the target refused
             self.svc.events.emit(4150, path=str(f.get("path")), error=str(f.get("error")))
             datastate.source_event(self, DataEvent.WRITE_DROPPED, str(f.get("path")))
@@ -1044,7 +1048,11 @@ class Connection:
                 self._batch_bytes = 0
                 fs = self._fs
             if batch and fs is not None:
-                wire = fs.send_parts(MsgType.OPS_DATA, encode_ops(batch), compress=self._codec)
+                parts = encode_ops(batch)
+                # Bandwidth limit: the frame pays before it leaves (after_send corrects
+                # the charge to the compressed size).
+                self.tx.before_send(sum(memoryview(p).nbytes for p in parts))
+                wire = fs.send_parts(MsgType.OPS_DATA, parts, compress=self._codec)
                 self.tx.after_send(fs, wire)  # byte counters, bandwidth limit
 
     # ------------------------------------------------------------------ status

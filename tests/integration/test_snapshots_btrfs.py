@@ -103,17 +103,6 @@ def is_subvolume(path: str) -> bool:
     return subprocess.run(["btrfs", "subvolume", "show", path], capture_output=True).returncode == 0
 
 
-# apply.TargetTree._open_dir(()) returns os.dup(root fd): every scan of the root shares
-# one directory offset, and on btrfs a second scan stops at the first one's end, so a
-# copy whose root entries were replaced (a revert) lists as empty; a restore after it
-# was refused (dtake.service.restore) instead of emptying the source. Fix pending in
-# apply.py (open "." relative to the root fd: a new open file description).
-ROOT_FD_SHARED = pytest.mark.xfail(
-    strict=True, reason="apply.TargetTree re-reads the root through a dup'd fd (hunk pending)"
-)
-
-
-@ROOT_FD_SHARED
 def test_a_second_scan_sees_root_entries_replaced_after_the_first(subvolume: str) -> None:
     from dtake.service.apply import TargetTree
 
@@ -128,7 +117,6 @@ def test_a_second_scan_sees_root_entries_replaced_after_the_first(subvolume: str
         tree.close()
 
 
-@ROOT_FD_SHARED
 def test_btrfs_snapshots_through_the_services(
     subvolume: str, tmp_path: Any, service: Factory
 ) -> None:
