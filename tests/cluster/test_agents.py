@@ -22,6 +22,10 @@ from lab import Lab, LabTimeout, NodeCommandError
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = str(ROOT / ".venv" / "bin" / "python")
+# The agents need the standard library only. pacemaker-controld runs meta-data as
+# hacluster, who cannot reach the venv's interpreter when it lives under /root (pyenv):
+# every meta-data call then failed ("Child process was unable to execute file").
+AGENT_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else PY
 DTAKE = str(ROOT / ".venv" / "bin" / "dtake")
 RSC, CLONE, DIR = "rd", "rd-clone", "/srv/rd"
 WAIT = 120.0
@@ -72,7 +76,7 @@ def setup_node(lab: Lab, node: str, key: bytes) -> None:
     sys.path.insert(0, str(ROOT))
     from resource_agents.install import install
 
-    install(lab.host_path(node, "/usr/lib/ocf/resource.d/dtake"), PY)
+    install(lab.host_path(node, "/usr/lib/ocf/resource.d/dtake"), AGENT_PY)
     start_service(lab, node)
 
 
@@ -100,7 +104,18 @@ def roles(lab: Lab, via: str) -> dict[str, str]:
 
 
 def promoted(lab: Lab, via: str) -> list[str]:
-    return sorted(n for n, role in roles(lab, via).items() if role in ("Promoted", "Master"))
+    """Nodes where the rd instance is promoted and not failed (a failed promote keeps
+    the role in crm_mon, flagged failed)."""
+    st = lab.cluster_status(via)
+    return sorted(
+        n
+        for r in st.resources
+        if r.id.split(":")[0] == RSC
+        and r.active
+        and not r.failed
+        and r.role in ("Promoted", "Master")
+        for n in r.nodes
+    )
 
 
 def wait_promoted(lab: Lab, via: str, *, not_on: str | None = None) -> str:
@@ -144,7 +159,9 @@ def diagnose(lab: Lab) -> str:
             continue
         cmd = (
             f"crm_mon -1 -A -f -o -t 2>&1 | tail -40; {DTAKE} status; "
-            f"{DTAKE} grd status {RSC}; tail -12 /var/log/dtake/dtake.log"
+            f"{DTAKE} grd status {RSC}; tail -12 /var/log/dtake/dtake.log; "
+            "grep -iE 'timed out|did not return|lost|error' /var/log/pacemaker/pacemaker.log"
+            " | tail -25"
         )
         out.append(f"--- {n}\n" + lab.exec(n, cmd, check=False, timeout=60).stdout[-5000:])
     return "\n".join(out)
@@ -191,6 +208,13 @@ def make_survivors_pending(lab: Lab, p: str) -> list[str]:
     return survivors
 
 
+def settle(lab: Lab, via: str, timeout: int = 120) -> None:
+    """Wait until pacemaker has no transition in flight (bounded; best effort)."""
+    lab.exec(
+        via, ["crm_resource", "--wait", f"--timeout={timeout}s"], timeout=timeout + 30, check=False
+    )
+
+
 def kill_and_wait_pending(lab: Lab, p: str, via: str) -> None:
     lab.kill(p)
 
@@ -200,7 +224,7 @@ def kill_and_wait_pending(lab: Lab, p: str, via: str) -> None:
         return not st.nodes[p].online and "is pending. Data integrity not guaranteed." in out
 
     lab.wait_for(pending_shown, WAIT, interval=1, what="online pending shown by crm_mon -A")
-    lab.exec(via, ["crm_resource", "--wait", "--timeout=60s"], timeout=90, check=False)
+    settle(lab, via, 60)
     assert promoted(lab, via) == [], "a stale replica was promoted automatically"
 
 
@@ -278,6 +302,11 @@ def test_source_connection_moves_with_its_group(cluster: Lab) -> None:
     </operations>
   </primitive>
 </group>"""
+    # From a settled cluster: once, right after other tests, the group's first probe on a
+    # node whose resources had just been refreshed never reported ("Controller on node1
+    # did not return result in time"), and the transition waited 80 s (op timeout +
+    # cluster-delay) before the group started.
+    settle(lab, "node1")
     lab.exec("node1", ["cibadmin", "-C", "-o", "resources", "-X", xml])
     lab.exec("node1", ["crm_resource", "--ban", "-r", "scg", "-N", target, "--quiet"])
     try:
@@ -412,6 +441,7 @@ def test_stale_survivors_are_online_pending_until_the_operator_acts(cluster: Lab
     wait_same(lab, b, a)
     lab.wait_for(lambda: replica(lab, a)["control"] == "", WAIT, what=f"{a} failed no more")
     lab.exec(a, ["crm_resource", "--clear", "--promoted", "-r", CLONE, "-N", a, "--quiet"])
+    settle(lab, a)
     reboot(lab, p)
     wait_same(lab, b, p)
 
@@ -490,7 +520,20 @@ def test_revert_snapshot_reverts_the_stale_copy_then_promotes(cluster: Lab) -> N
 
 def test_agents_installed_with_absolute_interpreter(cluster: Lab) -> None:
     head = cluster.exec("node2", ["head", "-1", "/usr/lib/ocf/resource.d/dtake/ReplicatedDisk"])
-    assert head.stdout.strip() == f"#!{PY} -S"
+    assert head.stdout.strip() == f"#!{AGENT_PY} -S"
+    # as pacemaker-controld runs it: meta-data as the cluster user
+    md = cluster.exec(
+        "node2",
+        [
+            "setpriv",
+            "--reuid=hacluster",
+            "--regid=haclient",
+            "--clear-groups",
+            "/usr/lib/ocf/resource.d/dtake/ReplicatedDisk",
+            "meta-data",
+        ],
+    )
+    assert "<resource-agent" in md.stdout
     with pytest.raises(NodeCommandError):
         cluster.exec("node2", ["crm_resource", "--show-metadata", "ocf:dtake:Nope"])
     md = cluster.exec("node2", ["crm_resource", "--show-metadata", "ocf:dtake:ReplicatedDisk"])
