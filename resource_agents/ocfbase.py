@@ -408,7 +408,22 @@ class Agent:
         self.env = env
         self.client = client or ControlClient(env.param("socket") or None)
         self._clock = time.monotonic
-        self.deadline = self._clock() + max(1.0, env.timeout_s(30.0) - self.MARGIN_S)
+        default = self.default_timeout_s(env.action)
+        self.deadline = self._clock() + max(1.0, env.timeout_s(default) - self.MARGIN_S)
+
+    @classmethod
+    def default_timeout_s(cls, action: str) -> float:
+        """The meta-data's timeout of ACTION: what applies when the caller gives none
+        (ocf-tester, a manual run); 30 s for an action the meta-data does not list."""
+        for a in cls.ACTIONS:
+            if a.name == action:
+                t = a.timeout.strip()
+                scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], 1)
+                try:
+                    return float(t.rstrip("smh")) * scale
+                except ValueError:
+                    break
+        return 30.0
 
     def remaining(self) -> float:
         """Seconds left of this action's op timeout (less the margin)."""

@@ -330,3 +330,14 @@ def test_calls_of_one_action_share_its_op_timeout() -> None:
     agent._call("disconnect")
     assert seen == [18.0, 3.0, 0.5]
     assert min(60.0, agent.remaining() / 2) == 0.0
+
+
+def test_without_an_op_timeout_the_meta_data_timeout_applies() -> None:
+    """ocf-tester passes no timeout: start keeps the meta-data's 120 s (its mirror wait
+    60 s), as before the shared deadline."""
+    assert sc.SourceConnection.default_timeout_s("start") == 120.0
+    assert rd.ReplicatedDisk.default_timeout_s("monitor") == 30.0
+    assert rd.ReplicatedDisk.default_timeout_s("nope") == 30.0
+    env = ocfbase.Env("start", {}, {}, "sc", "node1")
+    agent = sc.SourceConnection(env, client=FakeClient({}))  # type: ignore[arg-type]
+    assert 117.0 < agent.remaining() <= 118.0
