@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import operator
 import os
 import socket
 import stat
@@ -20,7 +21,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ BATCH_BYTES = 4 * 1024 * 1024
 BATCH_OPS = 512
 WINDOW_BYTES = 64 * 1024 * 1024  # unacknowledged bytes in flight (at most)
 MIN_CHUNK = 4 * 1024
+WALK_SLICE = 1024  # mirror walk: entries per list (a huge directory comes in slices)
 BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
 SIG_CACHE_MAX_BLOCKS = 4 * 1024 * 1024
 
@@ -265,15 +267,26 @@ class Connection:
 
     def _walk(self, top: str) -> Iterator[tuple[str, os.stat_result]]:
         """Entries below `top` selected by the rules (dirs before their contents)."""
+        for chunk in self._walk_dirs(top):
+            yield from chunk
+
+    def _walk_dirs(self, top: str) -> Iterator[list[tuple[str, os.stat_result]]]:
+        """``_walk``'s entries, in the same order, a directory (at most ``WALK_SLICE``
+        entries) per list: one generator step per directory, not per entry."""
         stack = [top]
         seen: set[tuple[int, int]] = set()
+        matches, may_contain = self.rules.matches, self.rules.dir_may_contain
+        internal = self.svc.is_internal
+        by_name = operator.attrgetter("name")
+        IFMT, IFDIR = 0o170000, stat.S_IFDIR
         while stack:
             d = stack.pop()
             try:
                 with os.scandir(d) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                    entries = sorted(it, key=by_name)
             except OSError:
                 continue
+            out: list[tuple[str, os.stat_result]] = []
             for e in entries:
                 if TEMP_MARK in e.name and is_temp_name(e.name):
                     continue  # a target's transfer in progress (chained topology)
@@ -281,19 +294,25 @@ class Connection:
                     st = e.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                is_dir = stat.S_ISDIR(st.st_mode)
-                if is_dir:
-                    if (st.st_dev, st.st_ino) in seen:
+                path = e.path
+                if st.st_mode & IFMT == IFDIR:
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
                         continue  # mount cycle (seed-engine §3.4)
-                    seen.add((st.st_dev, st.st_ino))
-                    if self.svc.is_internal(e.path):
+                    seen.add(key)
+                    if internal(path):
                         continue
-                    if self.rules.matches(e.path, is_dir=True):
-                        yield e.path, st
-                    if self.rules.dir_may_contain(e.path):
-                        stack.append(e.path)
-                elif self.rules.matches(e.path):
-                    yield e.path, st
+                    if matches(path, is_dir=True):
+                        out.append((path, st))
+                    if may_contain(path):
+                        stack.append(path)
+                elif matches(path):
+                    out.append((path, st))
+                if len(out) >= WALK_SLICE:
+                    yield out
+                    out = []
+            if out:
+                yield out
 
     def gap(self, why: str, *, event: int = 51001) -> None:
         """A gap in the change stream: Mirror Required, then an automatic difference mirror."""
@@ -413,15 +432,14 @@ class Connection:
 
     def _mirror_walk(self, mode: str, cancel: threading.Event) -> None:
         target: dict[str, tuple[str, int, int]] = {}
-        walk: Iterator[tuple[str, os.stat_result]] = self._walk(self.base)
+        walk: Iterable[list[tuple[str, os.stat_result]]] = self._walk_dirs(self.base)
         if mode in ("differences", "newer", "checksum") or self.rec.orphans != "off":
             if not self._wait_connected(cancel):
                 return
             # The target scans while this side walks (two machines, or two cores):
             # the source's entries are collected, then compared once the scan is in.
             pending = self._request_start("scan", rel="", rows=True)
-            mine = list(walk)
-            walk = iter(mine)
+            walk = list(walk)
             for chunk in self._request_wait(*pending):
                 for row in chunk.get("rows") or ():
                     target[row[0]] = (row[1], row[2], row[3])
@@ -435,60 +453,65 @@ class Connection:
         stopped = self._stop
         cut = len(self.base.rstrip("/")) + 1  # walked paths are below the base
         skipped_files = skipped_bytes = 0
-        n = 0
-        IFMT, IFDIR, IFLNK, IFREG = 0o170000, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFREG
+        IFMT, IFDIR, IFLNK = 0o170000, stat.S_IFDIR, stat.S_IFLNK
         full, diff, newer = mode == "full", mode == "differences", mode == "newer"
-        for path, st in walk:
-            n += 1
-            if not n & 127:  # pause/cancel checks every 128 entries (cheap loop)
-                while self._mirror_pause.is_set() and not cancel.is_set():
-                    time.sleep(0.05)
-                if cancel.is_set() or stopped.is_set():
-                    return
-            r = path[cut:]
-            if track_seen:
-                seen.add(r)
-            fmt = st.st_mode & IFMT
-            kind = "f" if fmt == IFREG else "d" if fmt == IFDIR else "l" if fmt == IFLNK else "f"
-            if kind == "f" and st.st_nlink > 1:
-                self._warn_hardlink(path)
-                continue
-            if not full:
-                t = target.get(r)
-                if t is not None and t[0] == kind:
-                    if kind == "f":
-                        if diff:
-                            same = t[1] == st.st_size and t[2] == st.st_mtime_ns
-                        elif newer:
-                            same = st.st_mtime_ns <= t[2]
-                        else:
-                            same = False  # checksum: decided per block when sent
-                    else:
-                        same = kind == "l" or t[2] == st.st_mtime_ns
-                    if same:
-                        skipped_files += 1
-                        skipped_bytes += st.st_size
-                        continue
+        get = target.get
+        for chunk in walk:
+            # pause/cancel checks once per directory (the loop below is kept tight)
+            while self._mirror_pause.is_set() and not cancel.is_set():
+                time.sleep(0.05)
             if cancel.is_set() or stopped.is_set():
                 return
-            if kind == "f":
-                total += st.st_size
-                self.mirror_total = total
-            # Flow control: the walk never fills the queue (it would exhaust it and
-            # loop through auto-disconnect); it waits for the sender instead.
-            self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
-            ok = self.queue.put_lazy(
-                LazyKind.CONTENT
-                if kind == "f"
-                else LazyKind.MKDIR
-                if kind == "d"
-                else LazyKind.SYMLINK,
-                path,
-                mode=mode if kind == "f" else "full",
-                ino=st.st_ino,
-            )
-            if not ok:
-                raise _Gap()
+            for path, st in chunk:
+                r = path[cut:]
+                if track_seen:
+                    seen.add(r)
+                fmt = st.st_mode & IFMT
+                if fmt == IFDIR:
+                    kind = "d"
+                elif fmt == IFLNK:
+                    kind = "l"
+                else:
+                    kind = "f"
+                    if st.st_nlink > 1:
+                        self._warn_hardlink(path)
+                        continue
+                if not full:
+                    t = get(r)
+                    if t is not None and t[0] == kind:
+                        if kind == "f":
+                            if diff:
+                                same = t[1] == st.st_size and t[2] == st.st_mtime_ns
+                            elif newer:
+                                same = st.st_mtime_ns <= t[2]
+                            else:
+                                same = False  # checksum: decided per block when sent
+                        else:
+                            same = kind == "l" or t[2] == st.st_mtime_ns
+                        if same:
+                            skipped_files += 1
+                            skipped_bytes += st.st_size
+                            continue
+                if cancel.is_set() or stopped.is_set():
+                    return
+                if kind == "f":
+                    total += st.st_size
+                    self.mirror_total = total
+                # Flow control: the walk never fills the queue (it would exhaust it and
+                # loop through auto-disconnect); it waits for the sender instead.
+                self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
+                ok = self.queue.put_lazy(
+                    LazyKind.CONTENT
+                    if kind == "f"
+                    else LazyKind.MKDIR
+                    if kind == "d"
+                    else LazyKind.SYMLINK,
+                    path,
+                    mode=mode if kind == "f" else "full",
+                    ino=st.st_ino,
+                )
+                if not ok:
+                    raise _Gap()
         self.stats["mirror_files_skipped"] += skipped_files
         self.stats["mirror_bytes_skipped"] += skipped_bytes
         if self.rec.orphans != "off" and not cancel.is_set():
