@@ -194,8 +194,8 @@ def make_survivors_pending(lab: Lab, p: str) -> list[str]:
     ids = [str(c["id"]) for c in connections(lab, p)]
     for i in ids:
         lab.exec(p, [DTAKE, "transmit", "pause", i])
-    # The mirror starts once the senders are idle: a start while a batch is being sent
-    # deadlocked once in source.py (lock order _lock/_send_lock; see the issue 6 report).
+    # The mirror starts once the senders are idle: a start while a batch was being sent
+    # deadlocked in source.py (lock order _lock/_send_lock, fixed in 8d8626a).
     lab.wait_for(
         lambda: all(c["state"] == "Paused" and not c["unacked_ops"] for c in connections(lab, p)),
         WAIT,
