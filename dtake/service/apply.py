@@ -315,12 +315,15 @@ class TargetTree:
             return None
         return fd, "/".join(parts) + "/" if parts else ""
 
-    def scan_rows(self, rel: str = "", chunk: int = 2000) -> Iterator[list[list[Any]]]:
+    def scan_rows(
+        self, rel: str = "", chunk: int = 2000, *, short: bool = False
+    ) -> Iterator[list[list[Any]]]:
         """What ``scan`` finds, as compact rows ``[path, kind, size, mtime_ns, mode, uid,
         gid, link]`` in lists of about ``chunk`` rows. The mirror's fast path: one tight
         loop per directory, no Entry objects, no nested generators; the order is by
         directory (each directory's rows before those of its subdirectories), not
-        ``scan``'s pre-order."""
+        ``scan``'s pre-order. ``short``: rows of the first four fields only (what a
+        differences mirror compares; no readlink)."""
         opened = self._open_scan_root(rel)
         if opened is None:
             return
@@ -350,11 +353,16 @@ class TargetTree:
                                 kind = "d"
                                 subdirs.append((name, prefix + name + "/"))
                             elif fmt == S_IFLNK:
-                                kind, link = "l", os.readlink(name, dir_fd=fd)
+                                kind = "l"
+                                if not short:
+                                    link = os.readlink(name, dir_fd=fd)
                             else:
                                 continue
                             path = prefix + name
                             size, mtime = st.st_size, st.st_mtime_ns
+                            if short:
+                                out.append([path, kind, size, mtime])
+                                continue
                             out.append(
                                 [path, kind, size, mtime, mode & 0o7777, st.st_uid, st.st_gid, link]
                             )

@@ -432,30 +432,58 @@ class Connection:
 
     def _mirror_walk(self, mode: str, cancel: threading.Event) -> None:
         target: dict[str, tuple[str, int, int]] = {}
+        same: set[str] = set()  # entries the target already has (compared: skipped)
+        track_seen = self.rec.orphans != "off"  # only orphan detection needs these
+        cut = len(self.base.rstrip("/")) + 1  # walked paths are below the base
+        IFMT, IFDIR, IFLNK = 0o170000, stat.S_IFDIR, stat.S_IFLNK
+        full, diff, newer = mode == "full", mode == "differences", mode == "newer"
         walk: Iterable[list[tuple[str, os.stat_result]]] = self._walk_dirs(self.base)
-        if mode in ("differences", "newer", "checksum") or self.rec.orphans != "off":
+        if mode in ("differences", "newer", "checksum") or track_seen:
             if not self._wait_connected(cancel):
                 return
-            # The target scans while this side walks (two machines, or two cores):
-            # the source's entries are collected, then compared once the scan is in.
-            pending = self._request_start("scan", rel="", rows=True)
+            # The target scans while this side walks (two machines, or two cores). The
+            # source's entries are collected, then each chunk of the target's rows is
+            # compared as it arrives (the comparison overlaps the rest of the scan).
+            pending = self._request_start("scan", rel="", rows=True, short=True)
             walk = list(walk)
-            for chunk in self._request_wait(*pending):
-                for row in chunk.get("rows") or ():
-                    target[row[0]] = (row[1], row[2], row[3])
-                for ent in chunk.get("entries") or ():  # a peer answering in dicts
-                    target[ent["path"]] = (ent["kind"], ent["size"], ent["mtime_ns"])
+            mine: dict[str, os.stat_result] = (
+                {} if full else {p[cut:]: st for ch in walk for p, st in ch}
+            )
+            for answer in self._request_chunks(*pending):
+                rows = answer.get("rows") or [
+                    (e["path"], e["kind"], e["size"], e["mtime_ns"])  # a peer sending dicts
+                    for e in answer.get("entries") or ()
+                ]
+                for row in rows:
+                    rel, tkind, tsize, tmtime = row[0], row[1], row[2], row[3]
+                    if track_seen:
+                        target[rel] = (tkind, tsize, tmtime)
+                    mst = mine.get(rel)
+                    if mst is None:
+                        continue
+                    # Same rules on both sides: size and mtime of every file (differences),
+                    # mtime (newer), kind always; a hard-linked file is never "same" (the
+                    # walk below warns about it).
+                    fmt = mst.st_mode & IFMT
+                    if fmt == IFDIR:
+                        if tkind == "d" and tmtime == mst.st_mtime_ns:
+                            same.add(rel)
+                    elif fmt == IFLNK:
+                        if tkind == "l":
+                            same.add(rel)
+                    elif tkind == "f" and mst.st_nlink == 1:
+                        if diff:
+                            if tsize == mst.st_size and tmtime == mst.st_mtime_ns:
+                                same.add(rel)
+                        elif newer and mst.st_mtime_ns <= tmtime:
+                            same.add(rel)
+            mine.clear()
         seen: set[str] = set()
-        track_seen = self.rec.orphans != "off"  # only orphan detection needs it
         total = 0
         if not cancel.is_set():
             self.queue.put_lazy(LazyKind.MKDIR, self.base, mode="full")
         stopped = self._stop
-        cut = len(self.base.rstrip("/")) + 1  # walked paths are below the base
         skipped_files = skipped_bytes = 0
-        IFMT, IFDIR, IFLNK = 0o170000, stat.S_IFDIR, stat.S_IFLNK
-        full, diff, newer = mode == "full", mode == "differences", mode == "newer"
-        get = target.get
         for chunk in walk:
             # pause/cancel checks once per directory (the loop below is kept tight)
             while self._mirror_pause.is_set() and not cancel.is_set():
@@ -466,6 +494,10 @@ class Connection:
                 r = path[cut:]
                 if track_seen:
                     seen.add(r)
+                if r in same:
+                    skipped_files += 1
+                    skipped_bytes += st.st_size
+                    continue
                 fmt = st.st_mode & IFMT
                 if fmt == IFDIR:
                     kind = "d"
@@ -476,22 +508,6 @@ class Connection:
                     if st.st_nlink > 1:
                         self._warn_hardlink(path)
                         continue
-                if not full:
-                    t = get(r)
-                    if t is not None and t[0] == kind:
-                        if kind == "f":
-                            if diff:
-                                same = t[1] == st.st_size and t[2] == st.st_mtime_ns
-                            elif newer:
-                                same = st.st_mtime_ns <= t[2]
-                            else:
-                                same = False  # checksum: decided per block when sent
-                        else:
-                            same = kind == "l" or t[2] == st.st_mtime_ns
-                        if same:
-                            skipped_files += 1
-                            skipped_bytes += st.st_size
-                            continue
                 if cancel.is_set() or stopped.is_set():
                     return
                 if kind == "f":
@@ -566,6 +582,34 @@ class Connection:
             if c.get("error"):
                 raise DtakeError(int(c.get("code", E.UNKNOWN)), str(c["error"]))
         return chunks
+
+    def _request_chunks(self, rid: int, fs: Any) -> Iterator[dict[str, Any]]:
+        """``_request_wait``, chunk by chunk as they arrive (a long answer is used while
+        the rest of it is still coming)."""
+        try:
+            while True:
+                deadline = time.monotonic() + 300
+                with self._ack_cond:
+                    while True:
+                        box = self._resp.get(rid)
+                        if box:
+                            got = list(box)
+                            box.clear()
+                            break
+                        if box is None or self._fs is not fs or self._stop.is_set():
+                            raise _Gap()
+                        if time.monotonic() > deadline:
+                            raise DtakeError(E.SERVER_NOT_RESPONDING, "Server is not responding")
+                        self._ack_cond.wait(0.5)
+                for c in got:
+                    if c.get("error"):
+                        raise DtakeError(int(c.get("code", E.UNKNOWN)), str(c["error"]))
+                    yield c
+                    if c.get("more") is False:
+                        return
+        finally:
+            with self._ack_cond:
+                self._resp.pop(rid, None)
 
     def request_scan(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -494,9 +494,10 @@ class TargetServer:
         try:
             if op == "scan" and req.get("rows"):
                 # Compact rows [path, kind, size, mtime_ns, mode, uid, gid, link] (the
-                # mirror's comparison), sent as the scan goes.
+                # mirror's comparison), sent as the scan goes; "short": the first four.
                 rows: list[list[Any]] = []
-                for rows in tree.scan_rows(str(req.get("rel", "")), SCAN_CHUNK):
+                short = bool(req.get("short"))
+                for rows in tree.scan_rows(str(req.get("rel", "")), SCAN_CHUNK, short=short):
                     fs.send_obj(MsgType.RESPONSE, {"id": rid, "rows": rows, "more": True})
                 fs.send_obj(MsgType.RESPONSE, {"id": rid, "rows": [], "more": False})
             elif op == "scan":

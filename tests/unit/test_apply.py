@@ -650,6 +650,9 @@ def test_scan_rows_match_scan(root: Path, tree: TargetTree) -> None:
         e.path for e in tree.scan("d/e1")
     ]
     assert list(tree.scan_rows("missing")) == [] and list(tree.scan_rows("d/e0/f0")) == []
+    # Short rows (a differences mirror's request): the first four fields, same order.
+    short = [row for c in tree.scan_rows("", chunk=4, short=True) for row in c]
+    assert short == [row[:4] for row in rows]
 
 
 def test_apply_whole_files_in_two_threads(root: Path, tree: TargetTree, tmp_path: Path) -> None:
