@@ -28,6 +28,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     tp.add_parser("pause", parents=[common], help="finish ops in progress, then hold (Paused)")
     tp.add_parser("resume", parents=[common], help="apply the target queue again")
     tp.add_parser("status", parents=[common], help="target status and target queue figures")
+    d = tp.add_parser(
+        "discard",
+        parents=[common],
+        help="drop what one connection queued here, not yet applied (Flush Target [L3387])",
+    )
+    d.add_argument("con_id", type=int, help="the source's connection ID (see `dtake status`)")
 
     s = sub.add_parser(
         "bandwidth",
@@ -115,6 +121,10 @@ def _print(obj: Any, args: argparse.Namespace, text: str) -> None:
 
 
 def run(args: argparse.Namespace, cl: Any) -> int | None:
+    if args.cmd == "target" and args.action == "discard":
+        r = cl.call("target_discard", con_id=args.con_id)
+        _print(r, args, f"discarded {r['discarded_ops']} ops; data state {r['data_state']}")
+        return 0
     if args.cmd == "target":
         r = cl.call("target", action=args.action)
         _print(

@@ -234,3 +234,20 @@ def test_transmit_action_needs_a_numeric_id(tx: FakeControl, capsys: Any) -> Non
         main(["--socket", tx.path, "transmit", "stop", "10.0.0.2"])
     assert exc.value.code == 2
     assert tx.requests == []
+
+
+# ---------------------------------------------------------------------- target discard
+def test_target_discard_sends_the_connection_id(tmp_path: Any, capsys: Any) -> None:
+    path = os.path.join(str(tmp_path), "ctl.sock")
+    answer = {"conn_id": 5, "discarded_ops": 12, "discarded_bytes": 4096}
+    f = FakeControl(
+        path, {"target_discard": lambda **a: {**answer, "data_state": "Mirror Required"}}
+    )
+    try:
+        assert main(["--socket", path, "target", "discard", "5"]) == 0
+        assert f.requests[-1] == ("target_discard", {"con_id": 5})
+        assert capsys.readouterr().out.strip() == "discarded 12 ops; data state Mirror Required"
+        assert main(["--socket", path, "--json", "target", "discard", "5"]) == 0
+        assert json.loads(capsys.readouterr().out)["discarded_ops"] == 12
+    finally:
+        f.close()
