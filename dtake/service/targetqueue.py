@@ -67,7 +67,7 @@ def _frame_cost(mtype: Any, obj: Any) -> tuple[int, int]:
         size = 0
         for item in obj:
             data = item[5] if isinstance(item, list) and len(item) > 5 else b""
-            size += 64 + (len(data) if isinstance(data, bytes | bytearray) else 0)
+            size += 64 + (len(data) if isinstance(data, bytes | bytearray | memoryview) else 0)
         return len(obj), size
     return 0, 256
 
