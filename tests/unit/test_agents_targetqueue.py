@@ -161,3 +161,13 @@ def test_a_new_source_drops_what_the_previous_one_left_queued(tmp_path: Path) ->
     assert tqs.figures_for("u1")["ops"] == 0 and sq.fs.closed.is_set()
     rec = mgr.replicas["r"]
     assert (rec.target_uuid, rec.source_generation, rec.data) == ("u2", 5, "pending")
+
+
+def test_frame_cost_counts_op_data_received_as_memoryviews() -> None:
+    """Protocol 2 hands the op data over as memoryviews of the frame: they count."""
+    from dtake.protocol.framing import MsgType
+    from dtake.service.targetqueue import _frame_cost
+
+    data = bytearray(b"x" * 1000)
+    ops = [[1, 2, 3, 4, 5, memoryview(data)], [1, 2, 3, 4, 5, b"y" * 10]]
+    assert _frame_cost(MsgType.OPS, ops) == (2, 64 + 1000 + 64 + 10)
