@@ -565,23 +565,7 @@ class Connection:
         return rid, fs
 
     def _request_wait(self, rid: int, fs: Any) -> list[Any]:
-        deadline = time.monotonic() + 300
-        with self._ack_cond:
-            while True:
-                chunks = self._resp.get(rid)
-                if chunks and chunks[-1].get("more") is False:
-                    del self._resp[rid]
-                    break
-                if self._fs is not fs or self._stop.is_set():
-                    self._resp.pop(rid, None)
-                    raise _Gap()
-                if time.monotonic() > deadline:
-                    raise DtakeError(E.SERVER_NOT_RESPONDING, "Server is not responding")
-                self._ack_cond.wait(0.5)
-        for c in chunks:
-            if c.get("error"):
-                raise DtakeError(int(c.get("code", E.UNKNOWN)), str(c["error"]))
-        return chunks
+        return list(self._request_chunks(rid, fs))
 
     def _request_chunks(self, rid: int, fs: Any) -> Iterator[dict[str, Any]]:
         """``_request_wait``, chunk by chunk as they arrive (a long answer is used while
