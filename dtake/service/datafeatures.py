@@ -380,6 +380,8 @@ def before_disconnect(svc: Service, conn: Connection) -> None:
     if conn._fs is None:
         return
     try:
-        conn._request("close")
+        # Bounded: a target behind a partition never answers, and a disconnect (an agent's
+        # stop, SourceConnection's in particular) must not wait minutes for it.
+        conn._request("close", wait_s=5.0)
     except Exception as exc:
         log.info("connection %d: close not confirmed: %s", conn.rec.id, exc)

@@ -544,9 +544,10 @@ class Connection:
             self.svc.events.emit(4099, path=path)
 
     # ------------------------------------------------------------------ requests
-    def _request(self, op: str, **args: Any) -> list[Any]:
-        """Send a request frame and collect its response chunks (answered in stream order)."""
-        return self._request_wait(*self._request_start(op, **args))
+    def _request(self, op: str, *, wait_s: float = 300.0, **args: Any) -> list[Any]:
+        """Send a request frame and collect its response chunks (answered in stream order);
+        ``wait_s``: how long the peer may stay silent before -SERVER_NOT_RESPONDING."""
+        return self._request_wait(*self._request_start(op, **args), wait_s=wait_s)
 
     def _request_start(self, op: str, **args: Any) -> tuple[int, Any]:
         """Send a request (after the ops queued before it); ``_request_wait`` collects."""
@@ -564,15 +565,17 @@ class Connection:
             fs.send_obj(MsgType.REQUEST, {"id": rid, "op": op, **args})
         return rid, fs
 
-    def _request_wait(self, rid: int, fs: Any) -> list[Any]:
-        return list(self._request_chunks(rid, fs))
+    def _request_wait(self, rid: int, fs: Any, *, wait_s: float = 300.0) -> list[Any]:
+        return list(self._request_chunks(rid, fs, wait_s=wait_s))
 
-    def _request_chunks(self, rid: int, fs: Any) -> Iterator[dict[str, Any]]:
+    def _request_chunks(
+        self, rid: int, fs: Any, *, wait_s: float = 300.0
+    ) -> Iterator[dict[str, Any]]:
         """``_request_wait``, chunk by chunk as they arrive (a long answer is used while
         the rest of it is still coming)."""
         try:
             while True:
-                deadline = time.monotonic() + 300
+                deadline = time.monotonic() + wait_s
                 with self._ack_cond:
                     while True:
                         box = self._resp.get(rid)
