@@ -484,6 +484,10 @@ class Connection:
             self.queue.put_lazy(LazyKind.MKDIR, self.base, mode="full")
         stopped = self._stop
         skipped_files = skipped_bytes = 0
+        # Directories whose entries this mirror writes: creating or renaming an entry
+        # moves a directory's mtime on the target after its MKDIR set it, so their
+        # attributes are sent again once everything below them is queued (as rsync -a).
+        touched: set[str] = set()
         for chunk in walk:
             # pause/cancel checks once per directory (the loop below is kept tight)
             while self._mirror_pause.is_set() and not cancel.is_set():
@@ -528,6 +532,13 @@ class Connection:
                 )
                 if not ok:
                     raise _Gap()
+                touched.add(os.path.dirname(path))
+        for d in sorted(touched, key=lambda p: -p.count("/")):  # deepest first
+            if cancel.is_set() or stopped.is_set():
+                return
+            self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
+            if not self.queue.put_lazy(LazyKind.ATTRS, d, mode="full"):
+                raise _Gap()
         self.stats["mirror_files_skipped"] += skipped_files
         self.stats["mirror_bytes_skipped"] += skipped_bytes
         if self.rec.orphans != "off" and not cancel.is_set():

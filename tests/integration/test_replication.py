@@ -459,3 +459,33 @@ def test_target_sweeps_temp_files_after_a_crash_only(tmp_path: Any, service: Fac
     leftover = temps["kill9"]
     assert not os.path.exists(leftover)  # swept after the crash
     assert_same(src, dst)
+
+
+def test_mirrors_keep_directory_mtimes(tmp_path: Any, service: Factory) -> None:
+    """Files written into a directory move its mtime on the target after its MKDIR set
+    it: a mirror sends the directories' attributes again at its end (as rsync -a), so
+    full and differences mirrors leave directory mtimes equal too."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    make_tree(src, 6, 20)
+    os.makedirs(os.path.join(src, "d000", "deep", "er"))
+    with open(os.path.join(src, "d000", "deep", "er", "leaf"), "w") as fh:
+        fh.write("leaf\n")
+    old = time.time_ns() - 86400 * 10**9
+    for dirpath, _dirs, _files in os.walk(src):
+        os.utime(dirpath, ns=(old, old))  # distinctly old: a target-made mtime differs
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, "rs", dst)
+    settle(a, cid)
+    diff = tree_diff(src, dst, dir_mtimes=True)
+    assert diff == [], "after the full mirror:\n" + "\n".join(diff[:30])
+    a.call("disconnect", con_id=cid)
+    for name in ("d001", "d003"):  # new files: their directories change on the source too
+        with open(os.path.join(src, name, "added"), "w") as fh:
+            fh.write("added while disconnected\n")
+    with open(os.path.join(src, "d002", "f0000"), "w") as fh:
+        fh.write("rewritten\n")  # same name, new content: the target renames a temp in
+    cid = connect(a, b, "rs", dst, mirror="differences")
+    settle(a, cid)
+    diff = tree_diff(src, dst, dir_mtimes=True)
+    assert diff == [], "after the differences mirror:\n" + "\n".join(diff[:30])
