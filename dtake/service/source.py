@@ -494,6 +494,7 @@ class Connection:
                 time.sleep(0.05)
             if cancel.is_set() or stopped.is_set():
                 return
+            wrote = False
             for path, st in chunk:
                 r = path[cut:]
                 if track_seen:
@@ -532,7 +533,9 @@ class Connection:
                 )
                 if not ok:
                     raise _Gap()
-                touched.add(os.path.dirname(path))
+                wrote = True
+            if wrote:  # a chunk is one directory's entries: one parent per chunk
+                touched.add(os.path.dirname(chunk[0][0]))
         for d in sorted(touched, key=lambda p: -p.count("/")):  # deepest first
             if cancel.is_set() or stopped.is_set():
                 return

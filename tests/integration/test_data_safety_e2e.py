@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from dtake.testing import ServiceProcess, tree_diff
+from dtake.testing import ServiceProcess
+from tests.service_support import assert_same, settle, until
 
 Factory = Callable[..., ServiceProcess]
 
@@ -36,27 +37,6 @@ def read(path: str) -> bytes:
 def connect(src: ServiceProcess, dst: ServiceProcess, target: str, **kw: Any) -> int:
     r = src.call("connect", repset="rs", host="127.0.0.1", port=dst.port, target_path=target, **kw)
     return int(r["id"])
-
-
-def settle(svc: ServiceProcess, cid: int, timeout: float = 60) -> dict[str, Any]:
-    time.sleep(0.3)  # inotify delivery before asking for idle
-    r: dict[str, Any] = svc.call("wait", con_id=cid, timeout_s=timeout)
-    return r
-
-
-def until(fn: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def assert_same(a: str, b: str) -> None:
-    diff = tree_diff(a, b)
-    assert diff == [], "trees differ:\n" + "\n".join(diff[:30])
 
 
 def setup_pair(tmp_path: Any, service: Factory, **kw: Any) -> tuple[str, str, Any, Any, int]:

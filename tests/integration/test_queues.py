@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dtake.testing import ServiceProcess, tree_diff
+from tests.service_support import assert_same, settle
 
 Factory = Callable[..., ServiceProcess]
 
@@ -20,12 +21,6 @@ Factory = Callable[..., ServiceProcess]
 def connect(src: ServiceProcess, dst: ServiceProcess, target: str, **kw: Any) -> int:
     r = src.call("connect", repset="rs", host="127.0.0.1", port=dst.port, target_path=target, **kw)
     return int(r["id"])
-
-
-def settle(svc: ServiceProcess, cid: int, timeout: float = 120) -> dict[str, Any]:
-    time.sleep(0.3)  # let inotify deliver the last events
-    result: dict[str, Any] = svc.call("wait", con_id=cid, timeout_s=timeout)
-    return result
 
 
 def conn_status(svc: ServiceProcess, cid: int) -> dict[str, Any]:
@@ -42,11 +37,6 @@ def wait_for(pred: Callable[[], bool], timeout: float = 60, what: str = "") -> N
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def assert_same(a: str, b: str) -> None:
-    diff = tree_diff(a, b)
-    assert diff == [], "trees differ:\n" + "\n".join(diff[:30])
 
 
 def event_ids(svc: ServiceProcess) -> list[int]:

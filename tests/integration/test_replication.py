@@ -19,6 +19,7 @@ import pytest
 
 from dtake.errors import DtakeError
 from dtake.testing import ServiceProcess, tree_diff
+from tests.service_support import assert_same, settle
 
 Factory = Callable[..., ServiceProcess]
 
@@ -38,17 +39,6 @@ def connect(src: ServiceProcess, dst: ServiceProcess, repset: str, target: str, 
         "connect", repset=repset, host="127.0.0.1", port=dst.port, target_path=target, **kw
     )
     return int(r["id"])
-
-
-def settle(svc: ServiceProcess, cid: int, timeout: float = 120) -> dict[str, Any]:
-    time.sleep(0.3)  # let inotify deliver the last events before asking for idle
-    result: dict[str, Any] = svc.call("wait", con_id=cid, timeout_s=timeout)
-    return result
-
-
-def assert_same(a: str, b: str) -> None:
-    diff = tree_diff(a, b)
-    assert diff == [], "trees differ:\n" + "\n".join(diff[:30])
 
 
 def test_mirror_10k_files_and_verify(tmp_path: Any, service: Factory) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from dtake.testing import ServiceProcess, tree_diff
+from tests.service_support import assert_same, settle, sh, until
 
 Factory = Callable[..., ServiceProcess]
 
@@ -38,13 +38,6 @@ def why_not() -> str | None:
 
 WHY_NOT = why_not()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
-
-
-def sh(*cmd: str) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
-    return r.stdout
 
 
 @pytest.fixture
@@ -76,27 +69,6 @@ def write(path: str, data: bytes | str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
-
-
-def until(fn: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def settle(svc: ServiceProcess, cid: int) -> dict[str, Any]:
-    time.sleep(0.3)  # inotify delivery before asking for idle
-    r: dict[str, Any] = svc.call("wait", con_id=cid, timeout_s=60)
-    return r
-
-
-def assert_same(a: str, b: str) -> None:
-    diff = tree_diff(a, b)
-    assert diff == [], "trees differ:\n" + "\n".join(diff[:30])
 
 
 def is_subvolume(path: str) -> bool:

@@ -28,6 +28,7 @@ from dtake.service.snapshot import (
     SubprocessRunner,
     revert_into,
 )
+from tests.service_support import sh
 
 TOOLS = (
     "losetup",
@@ -71,13 +72,6 @@ def why_not() -> str | None:
 
 WHY_NOT = why_not()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
-
-
-def sh(*cmd: str) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
-    return r.stdout
 
 
 def fill(root: str, files: dict[str, str]) -> None:
