@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 import time
 from typing import Any
 
@@ -78,11 +79,31 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     sub.add_parser("blocked", parents=[common], help="list blocked target paths")
 
     s = sub.add_parser(
-        "restore", parents=[common], help="copy the target's data back to the source"
+        "restore",
+        parents=[common],
+        help="copy the target's data back to the source [L4674-4800]",
+        description="restore ID: one pass over connection ID (on the source node). "
+        "restore connect SOURCE[:PORT] --repset NAME: a restoration connection "
+        "(NAME_Restore) from this target node to the source, which keeps replicating "
+        "target -> source until `dtake disconnect`. restore repsets: the copies held "
+        "here and the backup of their replication sets. restore release ID: end the "
+        "hold of connection ID on the source node.",
     )
-    s.add_argument("id", type=int)
+    s.add_argument("what", help="connection ID | connect | repsets | release")
+    s.add_argument("arg", nargs="?", help="connect: SOURCE[:PORT]; release: connection ID")
     s.add_argument("--mode", choices=["differences", "full"], default="differences")
     s.add_argument("--orphans", choices=["off", "log", "delete", "move"])
+    s.add_argument("--orphans-age", type=float, default=0.0, metavar="SECONDS")
+    s.add_argument("--repset", help="connect: the replication set to restore")
+    s.add_argument("--from", dest="from_path", help="connect: the copy's path (several copies)")
+    s.add_argument("--mirror", choices=["differences", "full", "checksum"], default="differences")
+    s.add_argument(
+        "--use-backup-repset", action="store_true", help="the target's copy of the set [L4714]"
+    )
+    s.add_argument(
+        "--restore-repset", action="store_true", help="write it back to the source [L4715]"
+    )
+    s.add_argument("--block", action="store_true", help="block the source path meanwhile")
 
     s = sub.add_parser("verify-schedule", parents=[common], help="scheduled verification")
     s.add_argument("id", type=int)
@@ -174,8 +195,12 @@ def run(args: argparse.Namespace, cl: Any) -> int | None:
         r = cl.call("blocked")
         _out(args, r, "\n".join(r) or "no blocked paths")
         return 0
+    if cmd == "restore" and not args.what.isdigit():
+        return _restore_connection(args, cl)
     if cmd == "restore":
-        r = cl.call("restore", timeout=None, con_id=args.id, mode=args.mode, orphans=args.orphans)
+        r = cl.call(
+            "restore", timeout=None, con_id=int(args.what), mode=args.mode, orphans=args.orphans
+        )
         _out(
             args,
             r,
@@ -223,3 +248,47 @@ def run(args: argparse.Namespace, cl: Any) -> int | None:
         _out(args, {"text": text}, text.rstrip("\n"))
         return 0
     return None
+
+
+def _restore_connection(args: argparse.Namespace, cl: Any) -> int:
+    from dtake.cli.main import EXIT_USAGE
+
+    if args.what == "repsets":
+        rows = cl.call("restore_repsets", repset=args.repset)
+        text = "\n".join(
+            f"{x['repset']:<14} from {x['source_node'] or '?':<10} copy {x['target_path']:<28} "
+            f"base {x['source_base'] or '-':<24} "
+            + ("; ".join(x["rules"]) if x["rules"] else "(no backup of the rules)")
+            for x in rows
+        )
+        _out(args, rows, text or "no copies held here")
+        return 0
+    if args.what == "release" and args.arg and args.arg.isdigit():
+        r = cl.call("restore_release", con_id=int(args.arg))
+        _out(args, r, f"connection {r['id']}: released, {r['target_data_state']}")
+        return 0
+    if args.what == "connect" and args.arg and args.repset:
+        r = cl.call(
+            "restore_connect",
+            timeout=120,
+            source=args.arg,
+            repset=args.repset,
+            from_path=args.from_path,
+            use_backup=args.use_backup_repset,
+            restore_repset=args.restore_repset,
+            mirror=args.mirror,
+            orphans=args.orphans or "off",
+            orphans_age_s=args.orphans_age,
+            block=args.block,
+        )
+        _out(
+            args,
+            r,
+            f"{r['id']}  {r['repset']}: {r['restore_from']} -> {r['target']}:{r['restore_to']}",
+        )
+        return 0
+    print(
+        "usage: dtake restore ID | connect SOURCE[:PORT] --repset NAME | repsets | release ID",
+        file=sys.stderr,
+    )
+    return int(EXIT_USAGE)

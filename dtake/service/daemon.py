@@ -38,6 +38,7 @@ FEATURES: tuple[str, ...] = (
     "dtake.service.datafeatures",
     "dtake.service.transmit",
     "dtake.service.replica",
+    "dtake.service.restoreconn",
 )
 
 TEMP_MARK = ".dtake-"  # target temp files: ".<name>.dtake-<token>" (dtake.service.apply)
@@ -125,7 +126,7 @@ class Service:
         self._capture_thread.start()
         for d in self.store.load("connections.json", []):
             rec = ConnRecord(**d)
-            if rec.repset not in self.repsets:
+            if rec.restore is None and rec.repset not in self.repsets:
                 log.error(
                     "connection %d names missing replication set %s; dropped", rec.id, rec.repset
                 )
@@ -290,8 +291,12 @@ class Service:
 
     # ------------------------------------------------------------------ connections
     def _start_connection(self, rec: ConnRecord, *, mirror: str | None) -> Connection:
-        rules = self.repsets[rec.repset]
+        from dtake.service.restoreconn import connection_rules, held_for_restore
+
+        rules = connection_rules(self, rec)  # a restoration connection has its own
         conn = Connection(self, rec, rules)
+        if held_for_restore(self, conn):  # [L4796]: no mirror back while restoring
+            mirror = None
         with self._lock:
             self.connections[rec.id] = conn
             self._watch(rules)  # capture starts before the first mirror walk
@@ -461,6 +466,8 @@ class Service:
         tp = os.path.normpath(target_path)
         with self._lock:
             for c in self.connections.values():
+                if getattr(c, "restore_hold", None):
+                    continue  # held while the peer restores onto it (restoreconn)
                 if c.peer_node and c.peer_node == source_node:
                     base = c.base
                     if tp == base or tp.startswith(base + "/") or base.startswith(tp + "/"):

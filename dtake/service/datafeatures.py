@@ -331,6 +331,9 @@ def _peer_request(
         # The source disconnects for good: unblock [L5005] and keep the state.
         if f is not None and f.blocker.is_blocked(st.target_path):
             f.blocker.unblock(st.target_path)
+        from dtake.service.restoreconn import restore_closed
+
+        restore_closed(svc, st, req)  # a restoration connection: release the holds
         return {"closed": True}
     if op == "orphans":
         from dtake.service.orphans import target_process
@@ -377,11 +380,16 @@ def _peer_request(
 
 def before_disconnect(svc: Service, conn: Connection) -> None:
     """``dtake disconnect``: tell the target (it unblocks its path) while we still can."""
+    extra: dict[str, Any] = {}
+    if conn.rec.restore is not None:
+        from dtake.service.restoreconn import restore_disconnecting
+
+        extra = restore_disconnecting(svc, conn)  # this copy's state first [L4796]
     if conn._fs is None:
         return
     try:
         # Bounded: a target behind a partition never answers, and a disconnect (an agent's
         # stop, SourceConnection's in particular) must not wait minutes for it.
-        conn._request("close", wait_s=5.0)
+        conn._request("close", wait_s=5.0, **extra)
     except Exception as exc:
         log.info("connection %d: close not confirmed: %s", conn.rec.id, exc)

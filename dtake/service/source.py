@@ -83,6 +83,9 @@ class ConnRecord:
     auto_reconnect: bool = True
     block: bool = False  # block the target path while connected [L5001]
     orphans_age_s: float = 0.0  # only orphans not modified within this [L5094]
+    # A restoration connection [L4719] (dtake.service.restoreconn): its own rules (the
+    # set mapped onto this node's copy) and where it restores to; None otherwise.
+    restore: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -77,6 +77,8 @@ def _tq_figures(svc: Any, uuid: str) -> dict[str, Any]:
 # In-band requests answered by dtake.service.datafeatures (data state, close, orphans, read,
 # verification's batched block hashes).
 PEER_OPS = frozenset({"data_state", "close", "orphans", "read", "hashes_batch"})
+# First requests of a session answered without a connection (dtake.service.restoreconn).
+PEER_QUERIES = frozenset({"repset_get", "repset_restore"})
 
 
 @dataclass
@@ -259,6 +261,12 @@ class TargetServer:
         from dtake.protocol.framing import MsgType
 
         mtype, req = fs.recv_obj(timeout=60)
+        if mtype == MsgType.REQUEST and req.get("op") in PEER_QUERIES:
+            # One-off query without a connection (dtake.service.restoreconn).
+            from dtake.service.restoreconn import peer_query
+
+            fs.send_obj(MsgType.RESPONSE, {"id": 0, **peer_query(self.svc, req), "more": False})
+            return None
         if mtype != MsgType.REQUEST or req.get("op") != "open":
             fs.send_obj(
                 MsgType.RESPONSE, {"id": 0, "error": "expected open", "code": E.INVALID_COMMAND}
@@ -411,6 +419,12 @@ class TargetServer:
         path = str(req.get("target_path", ""))
         if not path.startswith("/") or not self.svc.cfg.target_path_allowed(path):
             return None, f"target path {path!r} is not allowed on {self.svc.node_id}"
+        if req.get("restore"):
+            # A restoration connection [L4719]: this node's own connections back to the
+            # requester are held first, so nothing restored is echoed back to it.
+            from dtake.service.restoreconn import restore_opening
+
+            restore_opening(self.svc, req)
         loop = self.svc.loop_conflict(str(req.get("source_node", "")), path)
         if loop:
             return None, loop
