@@ -81,7 +81,8 @@ def map_rules(rules: list[str], base: str, dest: str) -> list[str]:
         r = parse_rule(text)
         if r.path != base and not r.path.startswith(b + "/"):
             continue
-        out.append(str(Rule(d + r.path[len(b) :] or "/", r.include, r.recursive)))
+        rel = "" if r.path == base else r.path[len(b) :]
+        out.append(str(Rule(d + rel or "/", r.include, r.recursive)))
     return out
 
 
