@@ -8,7 +8,11 @@ with a byte-for-byte tree comparison. Waits are bounded.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +21,7 @@ import pytest
 
 from dtake.errors import DtakeError
 from dtake.testing import ServiceProcess
-from tests.service_support import assert_same, settle, until
+from tests.service_support import assert_same, settle, sh, until
 
 Factory = Callable[..., ServiceProcess]
 
@@ -231,3 +235,60 @@ def test_disconnect_before_the_restore_completed_leaves_restore_required(
     a.call("mirror", con_id=cid, action="start", mode="differences")
     settle(a, cid)
     assert_same(src, dst)
+
+
+def cli(svc: ServiceProcess, *argv: str) -> Any:
+    out = sh(sys.executable, "-m", "dtake.cli.main", *argv, "--socket", svc.socket_path, "--json")
+    return json.loads(out)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+def test_restore_connection_blocks_the_source_and_reblocks_the_copy(
+    tmp_path: Any, service: Factory
+) -> None:
+    """With the command line: `--block` keeps the users off the source while restoring
+    [L4696]; the copy, unblocked by the failover, is blocked again by the restore
+    (seed-engine §6.2)."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    write(os.path.join(src, "f.txt"), "one")
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    r = a.call("connect", repset="rs", host="127.0.0.1", port=b.port, target_path=dst, block=True)
+    cid = int(r["id"])
+    try:
+        settle(a, cid)
+        assert b.call("blocked") == [dst]
+        a.kill9()  # failover
+        b.call("data_state_set", target=dst, state="Restore Required", reason="failover")
+        a.start()
+        until(lambda: conn(a, cid)["target_data_state"] == "Restore Required", "source holds")
+        # the operator keeps the original connection from reconnecting by itself, as
+        # renaming connect.sts does in the seed [L4680]
+        a.call("transmit", con_id=cid, action="stop")
+        until(lambda: conn(a, cid)["state"] == "Stopped", "original connection stopped")
+        b.call("unblock", path=dst)  # failover unblocks [L5005]: the users change the copy
+        write(os.path.join(dst, "f.txt"), "changed on the target")
+        (copy,) = cli(b, "restore", "repsets")
+        assert copy["rules"] == [f"{src} inc, rec"] and copy["target_path"] == dst
+        res = cli(b, "restore", "connect", f"127.0.0.1:{a.port}", "--repset", "rs", "--block")
+        assert res["repset"] == "(rs_Restore)" and res["restore_from"] == dst
+        rid = int(res["id"])
+        settle(b, rid)
+        assert a.call("blocked") == [src]
+        with pytest.raises(OSError) as exc:
+            write(os.path.join(src, "intruder"), "x")
+        assert exc.value.errno == errno.EROFS
+        assert_same(dst, src)
+        b.call("disconnect", con_id=rid)
+        assert a.call("blocked") == []  # unblocked with the restoration connection
+        assert b.call("blocked") == [dst]  # a restore re-blocks the copy
+        assert conn(a, cid)["state"] == "Stopped"  # as the operator left it
+        a.call("transmit", con_id=cid, action="start")
+        until(lambda: conn(a, cid)["target_data_state"] == "OK", "original OK", timeout=60)
+        write(os.path.join(src, "g.txt"), "two")
+        settle(a, cid)
+        assert_same(src, dst)
+    finally:
+        for svc, path in ((a, src), (b, dst)):
+            with contextlib.suppress(Exception):
+                svc.call("unblock", path=path)
