@@ -292,3 +292,30 @@ def test_restore_connection_blocks_the_source_and_reblocks_the_copy(
         for svc, path in ((a, src), (b, dst)):
             with contextlib.suppress(Exception):
                 svc.call("unblock", path=path)
+
+
+def test_source_unreachable_at_disconnect_stays_held_until_released(
+    tmp_path: Any, service: Factory
+) -> None:
+    src, dst, a, b, cid, uuid = failed_over_pair(tmp_path, service)
+    rid = restore_connect(b, a)
+    settle(b, rid)
+    a.kill9()  # the source cannot be told that the restoration connection ends
+    b.call("disconnect", con_id=rid)
+    assert copy_state(b, dst, uuid)["data_state"] == "Restore Required"  # not in sync
+    a.start()
+    time.sleep(1.0)
+    orig = conn(a, cid)
+    assert orig["restore"]["state"] == "held" and orig["state"] == "Stopped"  # visible
+    res = cli(a, "restore", "release", str(cid))
+    assert res["restore"]["state"] == "released" and res["restore"]["in_sync"] is False
+    # the target's copy says Restore Required: the original connection holds [L5618]
+    until(lambda: conn(a, cid)["state"] == "Started", "original connection reconnects")
+    time.sleep(0.5)
+    orig = conn(a, cid)
+    assert orig["target_data_state"] == "Restore Required" and orig["stats"]["ops_sent"] == 0
+    a.call("mirror", con_id=cid, action="start", mode="differences")  # the operator's call
+    st = settle(a, cid)
+    assert st["target_data_state"] == "OK"
+    assert copy_state(b, dst, uuid)["data_state"] == "OK"
+    assert_same(src, dst)
