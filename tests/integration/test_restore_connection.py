@@ -319,3 +319,18 @@ def test_source_unreachable_at_disconnect_stays_held_until_released(
     assert st["target_data_state"] == "OK"
     assert copy_state(b, dst, uuid)["data_state"] == "OK"
     assert_same(src, dst)
+
+
+def test_one_pass_restore_after_the_source_restarted_into_restore_required(
+    tmp_path: Any, service: Factory
+) -> None:
+    """The source's automatic mirror at restart began before it learnt Restore Required
+    and could never finish: `dtake restore ID` replaces it instead of refusing (-108)."""
+    src, dst, a, b, cid, uuid = failed_over_pair(tmp_path, service)
+    res = a.call("restore", con_id=cid, orphans="delete")
+    assert res["files"] >= 1 and not os.path.exists(os.path.join(src, "only-on-source.txt"))
+    assert_same(dst, src)
+    until(lambda: copy_state(b, dst, uuid)["data_state"] == "OK", "target OK")
+    write(os.path.join(src, "after.txt"), "replicated again")
+    settle(a, cid)
+    assert_same(src, dst)
