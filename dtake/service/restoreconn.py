@@ -554,9 +554,12 @@ def peer_query(svc: Service, req: dict[str, Any]) -> dict[str, Any]:
         if req.get("op") == "repset_get":
             return dict(svc.repset_show(name))
         if req.get("op") == "repset_restore":
+            # Only a missing set (or the same one): a peer must not change what this
+            # node replicates (-122 when a different set of that name exists).
             rules = [str(x) for x in req.get("rules") or []]
-            res = svc.repset_create(name, rules, replace=True)
-            log.warning("replication set %s restored from the target's backup copy", name)
+            res = svc.repset_create(name, rules, replace=False)
+            if res.get("changed"):
+                log.warning("replication set %s restored from the target's backup copy", name)
             return dict(res)
     except DtakeError as exc:
         return {"error": exc.message, "code": exc.code}

@@ -157,6 +157,18 @@ def test_backup_repset_used_and_restored_to_the_source(tmp_path: Any, service: F
     assert copy["rules"] == rules and copy["source_base"] == src and copy["target_path"] == dst
     # the source loses its connection, its set and its data
     a.call("disconnect", con_id=cid)
+    # a peer cannot change a set the source has: another "rs" is refused (-122)
+    a.call("repset_create", name="rs", rules=[f"{src}/sub inc, rec"], replace=True)
+    with pytest.raises(DtakeError, match="Replication set exists: rs"):
+        b.call(
+            "restore_connect",
+            source=f"127.0.0.1:{a.port}",
+            repset="rs",
+            use_backup=True,
+            restore_repset=True,
+        )
+    assert a.call("repset_show", name="rs")["rules"] == [f"{src}/sub inc, rec"]
+    assert b.call("status")["connections"] == []  # nothing was started
     a.call("repset_delete", name="rs")
     os.unlink(os.path.join(src, "keep.txt"))
     os.unlink(os.path.join(src, "sub", "x.bin"))
