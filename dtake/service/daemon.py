@@ -295,7 +295,7 @@ class Service:
 
         rules = connection_rules(self, rec)  # a restoration connection has its own
         conn = Connection(self, rec, rules)
-        if held_for_restore(self, conn):  # [L4796]: no mirror back while restoring
+        if held_for_restore(self, conn):  # [L4799]: no mirror back while restoring
             mirror = None
         with self._lock:
             self.connections[rec.id] = conn

@@ -384,7 +384,7 @@ def before_disconnect(svc: Service, conn: Connection) -> None:
     if conn.rec.restore is not None:
         from dtake.service.restoreconn import restore_disconnecting
 
-        extra = restore_disconnecting(svc, conn)  # this copy's state first [L4796]
+        extra = restore_disconnecting(svc, conn)  # this copy's state first [L4799]
     if conn._fs is None:
         return
     try:

@@ -72,7 +72,7 @@ def restore_connection(
         raise DtakeError(E.CONNECTION_FAILED, f"connection {conn.rec.id} is not connected")
     if conn.mirror_status != "Idle" and conn.rec.target_data_state in datastate.HOLD:
         # Started before the source learnt Restore Required (a restart after a failover):
-        # held, it could never finish [L5618]; the restore replaces it.
+        # held, it could never finish [L5623]; the restore replaces it.
         conn.stop_mirror()
     if conn.mirror_status != "Idle":
         raise DtakeError(E.MIRROR_ACTIVE, "Mirror currently active: restore cannot start")

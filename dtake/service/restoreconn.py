@@ -24,7 +24,7 @@ so a restart keeps them held): capture suspended, transmission Stopped, target d
 state Restore Required, nothing queued. The target's copy is Restore Required too while
 the initial restore runs (it discards anything its original source might still send),
 Restore Complete (OK) once the restore's mirror is Idle. Disconnecting the restoration
-connection when it is in sync leaves the original connection in Mirror Required [L4796]
+connection when it is in sync leaves the original connection in Mirror Required [L4799]
 and, with auto-remirror, runs its difference mirror; disconnecting it earlier leaves
 Restore Required on both sides (restore again, or override with ``dtake mirror start``).
 """
@@ -279,7 +279,7 @@ class RestoreConnections:
                 },
             )
         # This copy becomes the reference: Restore Required (write-ahead), and its
-        # original source, if connected, learns it by reconnecting [L5618].
+        # original source, if connected, learns it by reconnecting [L5623].
         st = svc.target.states.get(copy["uuid"])
         if st is not None:
             if st.data_state not in datastate.HOLD:
@@ -340,7 +340,7 @@ class RestoreConnections:
         st = self.svc.target.states.get(str(r.get("orig_uuid")))
         if st is not None:
             if in_sync:
-                # [L4796] the original connection is in Mirror Required: its mirror from
+                # [L4799] the original connection is in Mirror Required: its mirror from
                 # the source (whose data is this copy now) makes the copy OK again.
                 datastate.target_event(
                     self.svc,
@@ -448,7 +448,7 @@ class RestoreConnections:
     def release_connection(self, con_id: int) -> dict[str, Any]:
         """`dtake restore release ID` on the source: the operator ends a hold whose
         restoration connection cannot say so (gone for good). The data state stays
-        Restore Required: `dtake mirror start ID` overrides it [L4796, L5618]."""
+        Restore Required: `dtake mirror start ID` overrides it [L4799, L5623]."""
         c = self.svc._conn(con_id)
         with self._lock:
             h = self.holds.pop(c.rec.uuid, None)
@@ -475,7 +475,7 @@ class RestoreConnections:
         }
         c.replication = "Pending"
         if done:
-            # [L4796] "Your original connection on the source ... will be in a Mirror
+            # [L4799] "Your original connection on the source ... will be in a Mirror
             # Required state"; override: the target's Restore Required ends with it.
             c.data_state_reason = f"Mirror Required: {h.get('label')} disconnected"
             c.data_state_snapshot = False

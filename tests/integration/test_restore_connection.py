@@ -65,7 +65,7 @@ def failed_over_pair(tmp_path: Any, service: Factory) -> tuple[str, str, Any, An
     write(os.path.join(dst, "new-on-target.txt"), "written by users after failover")
     write(os.path.join(dst, "d", "e", "c.txt"), "changed on the target")
     a.start()
-    # the source learns Restore Required from the target and sends nothing [L5618]
+    # the source learns Restore Required from the target and sends nothing [L5623]
     until(lambda: conn(a, cid)["target_data_state"] == "Restore Required", "source holds")
     return src, dst, a, b, cid, uuid
 
@@ -79,7 +79,7 @@ def restore_connect(b: ServiceProcess, a: ServiceProcess, **kw: Any) -> int:
 
 def end_restore(a: Any, b: Any, cid: int, rid: int, src: str, dst: str) -> dict[str, Any]:
     """Disconnect the restoration connection: the original connection is Mirror
-    Required [L4796], its automatic mirror makes it OK, and the trees are equal."""
+    Required [L4799], its automatic mirror makes it OK, and the trees are equal."""
     b.call("disconnect", con_id=rid)
     until(lambda: conn(a, cid)["target_data_state"] == "OK", "original connection OK", timeout=60)
     st = settle(a, cid)
@@ -108,7 +108,7 @@ def test_restore_connection_end_to_end(tmp_path: Any, service: Factory) -> None:
     assert_same(dst, src)
     ev_b = [e["id"] for e in b.call("events")]
     assert 4053 in ev_b and 4057 in ev_b and 98 in ev_b
-    # disconnect when Ready: the original connection is Mirror Required [L4796], its
+    # disconnect when Ready: the original connection is Mirror Required [L4799], its
     # automatic difference mirror makes both copies OK, replication source -> target runs
     st = end_restore(a, b, cid, rid, src, dst)
     assert st["state"] == "Started" and st["stats"]["remirrors"] == 1
@@ -243,7 +243,7 @@ def test_disconnect_before_the_restore_completed_leaves_restore_required(
     assert orig["target_data_state"] == "Restore Required"  # visible; nothing was sent
     assert orig["stats"]["ops_sent"] == 0
     assert os.path.exists(os.path.join(dst, "new-on-target.txt"))
-    # the operator overrides with a mirror [L5618]: the source's data wins
+    # the operator overrides with a mirror [L5623]: the source's data wins
     a.call("mirror", con_id=cid, action="start", mode="differences")
     settle(a, cid)
     assert_same(src, dst)
@@ -275,7 +275,7 @@ def test_restore_connection_blocks_the_source_and_reblocks_the_copy(
         a.start()
         until(lambda: conn(a, cid)["target_data_state"] == "Restore Required", "source holds")
         # the operator keeps the original connection from reconnecting by itself, as
-        # renaming connect.sts does in the seed [L4680]
+        # renaming connect.sts does in the seed [L4690]
         a.call("transmit", con_id=cid, action="stop")
         until(lambda: conn(a, cid)["state"] == "Stopped", "original connection stopped")
         b.call("unblock", path=dst)  # failover unblocks [L5005]: the users change the copy
@@ -321,7 +321,7 @@ def test_source_unreachable_at_disconnect_stays_held_until_released(
     assert orig["restore"]["state"] == "held" and orig["state"] == "Stopped"  # visible
     res = cli(a, "restore", "release", str(cid))
     assert res["restore"]["state"] == "released" and res["restore"]["in_sync"] is False
-    # the target's copy says Restore Required: the original connection holds [L5618]
+    # the target's copy says Restore Required: the original connection holds [L5623]
     until(lambda: conn(a, cid)["state"] == "Started", "original connection reconnects")
     time.sleep(0.5)
     orig = conn(a, cid)

@@ -1,4 +1,4 @@
-"""Restoration connections: the set's rules moved onto the target's copy [L4706]."""
+"""Restoration connections: the set's rules moved onto the target's copy [L4709]."""
 
 from __future__ import annotations
 
