@@ -204,7 +204,7 @@ def run(args: argparse.Namespace, cl: Any) -> int | None:
         _out(
             args,
             r,
-            f"connection {args.id}: restored {r['files']} files ({r['bytes']} bytes), "
+            f"connection {args.what}: restored {r['files']} files ({r['bytes']} bytes), "
             f"{r['dirs']} directories, {r['links']} links; {r['orphans']} orphan(s) {r['orphans_mode']}",
         )
         return 0
