@@ -411,6 +411,7 @@ class RestoreConnections:
         self.svc.save_connections()
         if new:
             log.warning("connection %d held: %s restores onto it", c.rec.id, label)
+            self.svc.events.emit(4018, what=f"Connection {c.rec.id} held for {label}")
 
     @staticmethod
     def _apply_hold(c: Connection, h: dict[str, Any]) -> None:

@@ -100,6 +100,8 @@ def test_restore_connection_end_to_end(tmp_path: Any, service: Factory) -> None:
     assert orig["target_data_state"] == "Restore Required"
     assert orig["state"] == "Stopped" and orig["replication_status"] == "Stopped"
     assert orig["restore"]["state"] == "held" and "(rs_Restore)" in orig["restore"]["by"]
+    held = [e for e in a.call("events") if e["id"] == 4018 and "held for" in e["message"]]
+    assert len(held) == 1 and "(rs_Restore) from b" in held[0]["message"]
     until(lambda: conn(b, rid).get("restore", {}).get("state") == "replicating", "replicating")
     # the connection keeps replicating on-going changes target -> source [L4719]
     write(os.path.join(dst, "live.txt"), "changed on the target after the restore")
