@@ -75,8 +75,8 @@ def _tq_figures(svc: Any, uuid: str) -> dict[str, Any]:
 
 
 # In-band requests answered by dtake.service.datafeatures (data state, close, orphans, read,
-# verification's batched block hashes).
-PEER_OPS = frozenset({"data_state", "close", "orphans", "read", "hashes_batch"})
+# verification's batched digests and block hashes).
+PEER_OPS = frozenset({"data_state", "close", "orphans", "read", "hashes_batch", "digests_batch"})
 
 
 @dataclass
