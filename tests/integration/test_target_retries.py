@@ -9,21 +9,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from dtake.testing import ServiceProcess
+from tests.integration.pair_support import Factory, replicated_pair, write
 from tests.service_support import assert_same, settle, until
-
-Factory = Callable[..., ServiceProcess]
-
-
-def write(path: str, data: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(data)
 
 
 def cli_json(svc: ServiceProcess, *args: str) -> Any:
@@ -39,15 +31,10 @@ def cli_json(svc: ServiceProcess, *args: str) -> Any:
 def test_an_immutable_target_file_is_retried_until_writable_again(
     tmp_path: Any, service: Factory
 ) -> None:
-    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    src = str(tmp_path / "src")
     write(os.path.join(src, "f.txt"), "version 1")
     write(os.path.join(src, "other.txt"), "untouched")
-    a, b = service("a"), service("b")
-    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
-    r = a.call("connect", repset="rs", host="127.0.0.1", port=b.port, target_path=dst)
-    cid = int(r["id"])
-    settle(a, cid)
-    assert_same(src, dst)
+    src, dst, a, b, cid = replicated_pair(tmp_path, service)
     assert b.call("status")["targets"][0]["retries"] == 0
     locked = os.path.join(dst, "f.txt")
     if subprocess.run(["chattr", "+i", locked], capture_output=True).returncode != 0:

@@ -4,20 +4,12 @@ anywhere in a file, block lists count the bytes out of sync of what differs."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
-from dtake.testing import ServiceProcess
+from tests.integration.pair_support import Factory, replicated_pair, write
 from tests.service_support import assert_same, settle
 
-Factory = Callable[..., ServiceProcess]
 BLOCK = 65536
-
-
-def write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as fh:
-        fh.write(data)
 
 
 def poke(path: str, offset: int) -> None:
@@ -39,18 +31,13 @@ def log_block(path: str) -> str:
 def test_a_byte_in_a_late_block_of_a_big_file_is_found_and_counted(
     tmp_path: Any, service: Factory
 ) -> None:
-    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    src = str(tmp_path / "src")
     big_size = 40 * BLOCK + 7  # read in several 1 MiB chunks; a short last block
     write(os.path.join(src, "big.bin"), os.urandom(big_size))
     write(os.path.join(src, "mid.bin"), os.urandom(3 * BLOCK))
     for i in range(30):
         write(os.path.join(src, f"s{i % 3}", f"f{i:02}"), os.urandom(10 + 97 * i))
-    a, b = service("a"), service("b")
-    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
-    r = a.call("connect", repset="rs", host="127.0.0.1", port=b.port, target_path=dst)
-    cid = int(r["id"])
-    settle(a, cid)
-    assert_same(src, dst)
+    src, dst, a, _b, cid = replicated_pair(tmp_path, service)
     assert a.call("verify", con_id=cid, checksum=True)["different"] == 0
 
     poke(os.path.join(dst, "big.bin"), big_size - 2)  # in the last (short) block
