@@ -20,7 +20,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -255,17 +254,24 @@ DIGEST, BLOCKS = "digest", "blocks"
 _HASHERS: dict[str, Callable[[int, int], Any]] = {DIGEST: digest_fd, BLOCKS: hash_blocks_fd}
 
 
-def hash_files_at(dir_fd: int, names: list[str], how: str = BLOCKS) -> list[Any]:
-    """Hashes of regular files in one open directory (None: no regular file)."""
+def hash_files_at(
+    dir_fd: int, names: list[str], how: str = BLOCKS, sizes: list[int] | None = None
+) -> list[Any]:
+    """Hashes of regular files in one open directory (None: no regular file).
+    ``sizes``: the files' sizes from the source's walk, which found them regular: no
+    fstat, and no more than that many bytes read (whatever the file is by then)."""
     fn = _HASHERS[how]
     out: list[Any] = []
-    for name in names:
+    for k, name in enumerate(names):
         try:
             fd = os.open(name, _READ, dir_fd=dir_fd)
         except OSError:
             out.append(None)
             continue
         try:
+            if sizes is not None:
+                out.append(fn(fd, sizes[k]))
+                continue
             st = os.fstat(fd)
             out.append(fn(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None)
         except OSError:
@@ -290,7 +296,9 @@ def _by_dir(paths: list[str]) -> list[tuple[str, list[int]]]:
     return runs
 
 
-def _local_hashes_batch(paths: list[str], how: str = BLOCKS) -> list[Any]:
+def _local_hashes_batch(
+    paths: list[str], how: str = BLOCKS, sizes: list[int] | None = None
+) -> list[Any]:
     """Hashes of source files (absolute paths), one directory open per run."""
     out: list[Any] = [None] * len(paths)
     for d, idx in _by_dir(paths):
@@ -300,7 +308,8 @@ def _local_hashes_batch(paths: list[str], how: str = BLOCKS) -> list[Any]:
             continue
         try:
             names = [paths[i][paths[i].rfind("/") + 1 :] for i in idx]
-            for i, h in zip(idx, hash_files_at(dfd, names, how)):
+            sz = None if sizes is None else [sizes[i] for i in idx]
+            for i, h in zip(idx, hash_files_at(dfd, names, how, sz)):
                 out[i] = h
         finally:
             os.close(dfd)
@@ -384,7 +393,7 @@ def _row(e: dict[str, Any]) -> Row:
     ]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     """One source entry compared with its target entry ``t``."""
 
@@ -469,10 +478,12 @@ class _RemoteHashes:
 
 
 class _Pipeline:
-    """Verification as a stream: the target's scan is requested first, then batches of
-    files are requested for hashing while the walk goes on, so the target scans and
-    hashes while this side walks and hashes its own copy; a batch is decided as soon as
-    both hashes are in. At most ``_INFLIGHT`` + 2 batches are held at once."""
+    """Verification as a stream: the target's scan is requested first, then each batch
+    of files is requested as soon as the walk has cut it, and this side hashes the same
+    files right away (in the walking thread: a hashing thread would contend with the
+    walk for the GIL at every system call), so the target scans and hashes while this
+    side walks and hashes its own copy; a batch is decided once the target's hashes are
+    in. At most ``_INFLIGHT`` + 2 batches are held at once."""
 
     def __init__(self, conn: Connection, decide: Callable[[list[_Entry]], None]) -> None:
         self.conn = conn
@@ -480,10 +491,9 @@ class _Pipeline:
         self.decide = decide
         self._scan = conn._request_start("scan", rel="", rows=True)
         self._target: dict[str, Row] | None = None
-        self._lpool = ThreadPoolExecutor(1, thread_name_prefix=f"verify-{conn.rec.id}-local")
         self._batch: list[_Entry] = []
         self._bytes = 0
-        self._pending: list[tuple[list[_Entry], tuple[str, Any], Future[list[Any]]]] = []
+        self._pending: list[tuple[list[_Entry], tuple[str, Any], list[Any]]] = []
 
     def target(self) -> dict[str, Row]:
         """The target's entries by path (waits for the end of its scan)."""
@@ -510,13 +520,14 @@ class _Pipeline:
         if self._batch:
             batch, self._batch, self._bytes = self._batch, [], 0
             sent = self.remote.start([e.rel for e in batch])
-            local = self._lpool.submit(_local_hashes_batch, [e.path for e in batch], sent[0])
-            self._pending.append((batch, sent, local))
+            mine = _local_hashes_batch(
+                [e.path for e in batch], sent[0], [e.st.st_size for e in batch]
+            )
+            self._pending.append((batch, sent, mine))
 
     def _finish_one(self) -> None:
-        batch, sent, local = self._pending.pop(0)
+        batch, sent, mine = self._pending.pop(0)
         how, theirs = self.remote.wait([e.rel for e in batch], sent)
-        mine = local.result()
         if how != sent[0]:  # the target fell back to block lists: hash the same way
             mine = _local_hashes_batch([e.path for e in batch], how)
         for e, m, t in zip(batch, mine, theirs):
@@ -527,9 +538,10 @@ class _Pipeline:
 
     def blocks(self, es: list[_Entry]) -> None:
         """Block lists of both copies of files found different (bytes out of sync)."""
-        local = self._lpool.submit(_local_hashes_batch, [e.path for e in es], BLOCKS)
-        theirs = self.remote.blocks([e.rel for e in es])
-        for e, m, t in zip(es, local.result(), theirs):
+        pending = self.remote._start_blocks([e.rel for e in es])
+        mine = _local_hashes_batch([e.path for e in es], BLOCKS)
+        theirs = self.remote._wait_blocks([e.rel for e in es], pending)
+        for e, m, t in zip(es, mine, theirs):
             e.mine, e.theirs = m, t
 
     def finish(self) -> None:
@@ -539,15 +551,12 @@ class _Pipeline:
 
     def close(self) -> None:
         """Drop what is still outstanding (after an error): the answers are ignored."""
-        rids = [sent[1][0] for _b, sent, _l in self._pending if sent[1] is not None]
+        rids = [sent[1][0] for _b, sent, _m in self._pending if sent[1] is not None]
         if self._target is None:
             rids.append(self._scan[0])
-        for _batch, _sent, local in self._pending:
-            local.cancel()
         with self.conn._ack_cond:
             for rid in rids:
                 self.conn._resp.pop(rid, None)
-        self._lpool.shutdown(wait=True)
 
 
 def _compare(e: _Entry) -> None:
@@ -661,12 +670,18 @@ def verify_connection(
         try:
             seen: set[str] = set()
             later: list[_Entry] = []  # decided once the scan is in (no hashes needed)
+            prefix = conn.base.rstrip("/") + "/"  # Connection.rel, inlined (hot loop)
+            cut = len(prefix)
             for path, st in conn._walk(conn.base):
-                rel = conn.rel(path)
-                if rel is None:
+                if path.startswith(prefix):
+                    rel = path[cut:]
+                elif path == conn.base:
+                    rel = ""
+                else:
                     continue
                 seen.add(rel)
-                kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "f"
+                fmt = st.st_mode & 0o170000
+                kind = "d" if fmt == stat.S_IFDIR else "l" if fmt == stat.S_IFLNK else "f"
                 if kind == "f":
                     if st.st_nlink > 1:
                         rep.bytes_skipped += st.st_size  # hard links are not replicated [L3756]
