@@ -1,7 +1,8 @@
 """Verification: compare the source tree with the target copy [L5260-5300].
 
 By attributes (type, size, mtime, mode, owner, link target) or, with ``checksum``, by
-block hashes of every regular file. With ``remirror`` the differing files are queued
+a whole-file digest of every regular file (block hashes of the files that differ, to
+count the bytes out of sync). With ``remirror`` the differing files are queued
 again (a difference mirror restricted to what verification found), optionally only when
 the source file is newer [L5276]. Orphans are processed as on a mirror [L5068].
 
