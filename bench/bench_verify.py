@@ -13,7 +13,9 @@ something to find. Then, alternating which goes first:
 - ``verify`` by attributes (size, mtime, mode, owner) vs ``rsync -an --itemize-changes``.
 
 Time is wall clock around the control call (``verify`` returns when the comparison is
-done and its log is written) and around the rsync process. Both read the trees from the
+done and its log is written) and around the rsync process; CPU time is user + system
+of both ``dtake serve`` processes (from /proc, whatever else they do meanwhile: idle
+here) and of rsync with its children (its sender, generator and receiver). Both read the trees from the
 page cache (the trees were just written and are read every run; no cache is dropped, as
 other work shares the machine). Each tool must find the planted differences; a tool
 that misses one is reported. Goal: dtake faster than rsync (ratio = rsync / dtake >= 1).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -94,17 +97,31 @@ def plant(dst: str, files: list[str], n: int) -> tuple[set[str], str]:
     return set(chosen), touched
 
 
-def rsync_dry(src: str, dst: str, *, checksum: bool) -> tuple[float, set[str]]:
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def rsync_dry(src: str, dst: str, *, checksum: bool) -> tuple[float, set[str], float]:
     cmd = ["rsync", "-an", "--itemize-changes", src.rstrip("/") + "/", dst.rstrip("/") + "/"]
     if checksum:
         cmd.insert(2, "--checksum")
+    c = children_cpu()
     t = time.monotonic()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     secs = time.monotonic() - t
+    cpu = children_cpu() - c
     # ">fc.t...... path": a file that would be sent (content differs); ".f..t......
     # path": only its attributes would be updated (with --checksum, a new mtime alone).
     found = {ln.split(" ", 1)[1] for ln in out.splitlines() if ln[:2] in (">f", ".f")}
-    return secs, found
+    return secs, found, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
     samples: dict[str, list[float]] = {k: [] for k in ("dc", "rc", "da", "ra")}
+    cpus: dict[str, list[float]] = {k: [] for k in ("dc", "rc", "da", "ra")}
     misses: list[str] = []
     verify_out: list[dict[str, Any]] = []
     try:
@@ -139,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(a.runs):
 
                 def dtake(r: int, checksum: bool) -> None:
+                    pids = [sp.proc.pid for sp in (pair.a, pair.b) if sp.proc is not None]
+                    c = sum(proc_cpu(p) for p in pids)
                     t = time.monotonic()
                     res = pair.a.call("verify", con_id=cid, remirror=False, checksum=checksum)
                     secs = time.monotonic() - t
                     samples["dc" if checksum else "da"].append(secs)
+                    cpus["dc" if checksum else "da"].append(sum(proc_cpu(p) for p in pids) - c)
                     found = {d["path"] for d in res["differences"]}
                     want = changed | {touched} if checksum else {touched}
                     if not want <= found:
@@ -155,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
 
                 def rsync(r: int, checksum: bool) -> None:
-                    secs, found = rsync_dry(src, dst, checksum=checksum)
+                    secs, found, cpu = rsync_dry(src, dst, checksum=checksum)
                     samples["rc" if checksum else "ra"].append(secs)
+                    cpus["rc" if checksum else "ra"].append(cpu)
                     want = changed | {touched} if checksum else {touched}
                     if not want <= found:
                         misses.append(
@@ -171,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: float(statistics.median(v)) for k, v in samples.items() if v}
+    cpu_med = {k: float(statistics.median(v)) for k, v in cpus.items() if v}
     rows = []
     for what, d, r_, goal in (
         ("verify --checksum vs rsync -an --checksum", "dc", "rc", True),
@@ -188,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                     ratio >= 1.0 if goal else None,
                     f"median of {len(samples[d])}; dtake {min(samples[d]):.2f}-"
                     f"{max(samples[d]):.2f} s, rsync {min(samples[r_]):.2f}-"
-                    f"{max(samples[r_]):.2f} s; {len(files):,} files, {n_bytes / MiB:.0f} MiB",
+                    f"{max(samples[r_]):.2f} s; CPU (user+sys, median) dtake "
+                    f"{cpu_med[d]:.2f} s (both services), rsync {cpu_med[r_]:.2f} s; "
+                    f"{len(files):,} files, {n_bytes / MiB:.0f} MiB",
                 )
             )
     title = (
@@ -212,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "rsync_checksum_s": summary(samples["rc"]),
             "dtake_attributes_s": summary(samples["da"]),
             "rsync_attributes_s": summary(samples["ra"]),
+            "cpu_s": {k: summary(v) for k, v in cpus.items()},
             "verify_results": verify_out,
         },
         "misses": misses,

@@ -357,9 +357,15 @@ def _peer_request(
             for k in ("files", "dirs", "bytes"):
                 f.orphan_stats[k] += getattr(res, k)
         return res.to_dict()
+    if op == "digests_batch":
+        # Verification: one whole-file digest per path, in order (None: no regular
+        # file), hashed here while the source hashes its side (dtake.service.verify).
+        from dtake.service.verify import target_digests_batch
+
+        return {"digests": target_digests_batch(tree, [str(p) for p in req.get("paths") or []])}
     if op == "hashes_batch":
-        # Verification: block hashes of many files in one answer (None: no regular file),
-        # hashed here while the source hashes its side (dtake.service.verify).
+        # Block hashes of many files (verification: the bytes out of sync of files found
+        # different; the whole comparison of sources from before digests_batch).
         from dtake.service.source import BLOCK
         from dtake.service.verify import target_hashes_batch
 

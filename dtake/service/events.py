@@ -146,6 +146,24 @@ EVENTS: dict[int, tuple[str, str]] = {
         "warning",
         "The driver detected a hard link for a file {path}. Hard links are not supported. Changes to this file will not be replicated.",
     ),
+    # Target apply retries (dtake.service.target._apply) [L3761-3765].
+    4110: (
+        "warning",
+        "Target cannot write {path} due to target disk being full. Operation will be retried ({limit} times or forever)",
+    ),
+    4111: (
+        "warning",
+        "Target can not write {path} due to a sharing violation. Operation will be retried ({limit} times or forever)",
+    ),
+    4112: (
+        "warning",
+        "Target can not write {path} due to access denied. Operation will be retried ({limit} times or forever)",
+    ),
+    4113: (
+        "warning",
+        "Target can not write {path} due to an unknown reason. Operation will be retried ({limit} times or forever). Please check the log files for further information on the error.",
+    ),
+    4120: ("info", "Target write to {path} was completed successfully after {retries} retries."),
     4150: (
         "error",
         "Target write failed for {path}; operation dropped, the target needs a mirror ({error})",

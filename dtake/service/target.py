@@ -35,10 +35,24 @@ CLEANUP_STORE = "target_cleanup.json"
 ACK_EVERY_OPS = 2048
 ACK_EVERY_BYTES = 16 * 1024 * 1024
 ACK_EVERY_S = 0.05
-# An apply failing with one of these is retried (at most APPLY_RETRIES times) before
-# the op is dropped: the call changed nothing, and the condition is transient.
-_TRANSIENT = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.ETXTBSY})
-APPLY_RETRIES = 2
+# An apply failing with one of these is retried before the op is dropped (the seed's
+# TGExecutionRetryLimit [L3761-3766]): the call changed nothing (or is repeated
+# whole), and the condition may pass: space freed, a file made writable again
+# (chattr -i), a program that held it exits. Event on the first failure: 4110 disk
+# full, 4111 sharing violation, 4112 access denied, 4113 other; 4120 on success.
+_RETRY_EVENT = {
+    errno.ENOSPC: 4110,
+    errno.EDQUOT: 4110,
+    errno.ETXTBSY: 4111,
+    errno.EBUSY: 4111,
+    errno.EACCES: 4112,
+    errno.EPERM: 4112,
+}
+_TRANSIENT = frozenset({errno.EINTR, errno.EAGAIN, errno.ENOMEM, *_RETRY_EVENT})
+# Delays before each retry: 3.15 s in all, then the op is dropped [L4150]. Once an op
+# was dropped, the next ones get the first two only, until one is applied: a lasting
+# condition (an immutable directory) costs seconds once, not per op.
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 # Target data states in which ops are not applied (only their position is recorded).
@@ -75,8 +89,8 @@ def _tq_figures(svc: Any, uuid: str) -> dict[str, Any]:
 
 
 # In-band requests answered by dtake.service.datafeatures (data state, close, orphans, read,
-# verification's batched block hashes).
-PEER_OPS = frozenset({"data_state", "close", "orphans", "read", "hashes_batch"})
+# verification's batched digests and block hashes).
+PEER_OPS = frozenset({"data_state", "close", "orphans", "read", "hashes_batch", "digests_batch"})
 # First requests of a session answered without a connection (dtake.service.restoreconn).
 PEER_QUERIES = frozenset({"repset_get", "repset_restore"})
 
@@ -96,6 +110,8 @@ class TargetState:
     bytes_applied: int = 0
     failures: int = 0
     retries: int = 0  # applies retried after a transient error
+    retrying: bool = False  # an op is being retried now (Target Status "Retrying")
+    gave_up: bool = False  # the last op retried was dropped (next: quick retries only)
     connected: bool = False
     qid: str = ""  # the source queue's identity and the last item of it applied
     last_item: int = 0
@@ -401,17 +417,36 @@ class TargetServer:
         state.ops_applied += 1
         state.bytes_applied += len(op.data)
 
-    @staticmethod
-    def _apply(state: TargetState, tree: TargetTree, op: Op) -> None:
-        for attempt in range(APPLY_RETRIES + 1):
-            try:
-                tree.apply(op)
-                return
-            except OSError as exc:
-                if exc.errno not in _TRANSIENT or attempt == APPLY_RETRIES:
-                    raise
-                state.retries += 1
-                time.sleep(0.01 * (attempt + 1))
+    def _apply(self, state: TargetState, tree: TargetTree, op: Op) -> None:
+        """``tree.apply(op)``, retried after a transient failure (``RETRY_DELAYS``)."""
+        delays = RETRY_DELAYS[:2] if state.gave_up else RETRY_DELAYS
+        tries = 0
+        try:
+            while True:
+                try:
+                    tree.apply(op)
+                except OSError as exc:
+                    if exc.errno not in _TRANSIENT or tries == len(delays):
+                        state.gave_up = state.gave_up or tries > 0
+                        raise
+                    if tries == 0:
+                        state.retrying = True
+                        self.svc.events.emit(
+                            _RETRY_EVENT.get(exc.errno or 0, 4113),
+                            path=op.path,
+                            limit=len(delays),
+                            error=exc.strerror,
+                        )
+                    time.sleep(delays[tries])
+                    tries += 1
+                    state.retries += 1
+                else:
+                    if tries:
+                        self.svc.events.emit(4120, path=op.path, retries=tries)
+                    state.gave_up = False
+                    return
+        finally:
+            state.retrying = False
 
     def _open(self, req: dict[str, Any]) -> tuple[TargetState | None, str]:
         from dtake.service.apply import TargetTree
@@ -579,6 +614,7 @@ class TargetServer:
                     "failures": st.failures,
                     "retries": st.retries,
                     **_tq_figures(self.svc, st.uuid),
+                    **({"target_status": "Retrying"} if st.retrying else {}),
                 }
                 for st in self.states.values()
             ]

@@ -1,7 +1,8 @@
 """Verification: compare the source tree with the target copy [L5260-5300].
 
 By attributes (type, size, mtime, mode, owner, link target) or, with ``checksum``, by
-block hashes of every regular file. With ``remirror`` the differing files are queued
+a whole-file digest of every regular file (block hashes of the files that differ, to
+count the bytes out of sync). With ``remirror`` the differing files are queued
 again (a difference mirror restricted to what verification found), optionally only when
 the source file is newer [L5276]. Orphans are processed as on a mirror [L5068].
 
@@ -20,13 +21,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from dtake.errors import DtakeError, E
+from dtake.service.apply import _read_full as _read_into
 from dtake.service.queue import LazyKind
 from dtake.service.source import BLOCK
 
@@ -196,27 +197,27 @@ _buf = threading.local()
 _CHUNK = 16 * BLOCK  # read 1 MiB at a time, hash it as 16 blocks
 
 
+def _view() -> memoryview:
+    """This thread's reusable read buffer (no allocation per file)."""
+    buf: bytearray | None = getattr(_buf, "b", None)
+    if buf is None:
+        buf = _buf.b = bytearray(_CHUNK)
+    return memoryview(buf)
+
+
 def hash_blocks_fd(fd: int, size: int) -> list[int]:
     """xxh3_64 of each ``BLOCK`` of the first ``size`` bytes of ``fd`` (its size from
     fstat); equal to ``apply.block_hashes_fd`` for a file of that size, but reads of
     1 MiB (a sixteenth of the system calls, each of which lets another thread take the
     GIL) and none past the end: with many small files the extra read is a third of the
     cost. A file that shrank in the meantime yields the blocks it still has."""
-    buf: bytearray | None = getattr(_buf, "b", None)
-    if buf is None:
-        buf = _buf.b = bytearray(_CHUNK)
-    view = memoryview(buf)
+    view = _view()
     digest = xxhash.xxh3_64_intdigest
     out: list[int] = []
     pos = 0
     while pos < size:
         want = min(_CHUNK, size - pos)
-        got = 0
-        while got < want:
-            n = os.readv(fd, [view[got:want]])
-            if n == 0:
-                break
-            got += n
+        got = _read_into(fd, view[:want])
         for off in range(0, got, BLOCK):
             out.append(digest(view[off : min(off + BLOCK, got)]))
         pos += got
@@ -225,18 +226,55 @@ def hash_blocks_fd(fd: int, size: int) -> list[int]:
     return out
 
 
-def hash_files_at(dir_fd: int, names: list[str]) -> list[list[int] | None]:
-    """Block hashes of regular files in one open directory (None: no regular file)."""
-    out: list[list[int] | None] = []
-    for name in names:
+def digest_fd(fd: int, size: int) -> bytes:
+    """Whole-file xxh3_128 (16 bytes) of the first ``size`` bytes of ``fd``; equal to
+    ``apply.file_digest_fd`` for a file of that size. What checksum verification
+    compares: one digest per file (block lists only for the files that differ, to count
+    the bytes out of sync); a file of up to one block is one ``read`` call."""
+    if size <= BLOCK:
+        data = os.read(fd, size)
+        if len(data) == size or not data:
+            return xxhash.xxh3_128_digest(data)
+        h, pos = xxhash.xxh3_128(data), len(data)  # a short read: go on
+    else:
+        h, pos = xxhash.xxh3_128(), 0
+    view = _view()
+    while pos < size:
+        want = min(_CHUNK, size - pos)
+        got = _read_into(fd, view[:want])
+        h.update(view[:got])
+        pos += got
+        if got < want:
+            break
+    return h.digest()
+
+
+# How a file is hashed: whole-file digests (``digests_batch``) or block lists (the
+# fallback ``hashes_batch`` of older peers, and the bytes out of sync of a difference).
+DIGEST, BLOCKS = "digest", "blocks"
+_HASHERS: dict[str, Callable[[int, int], Any]] = {DIGEST: digest_fd, BLOCKS: hash_blocks_fd}
+
+
+def hash_files_at(
+    dir_fd: int, names: list[str], how: str = BLOCKS, sizes: list[int] | None = None
+) -> list[Any]:
+    """Hashes of regular files in one open directory (None: no regular file).
+    ``sizes``: the files' sizes from the source's walk, which found them regular: no
+    fstat, and no more than that many bytes read (whatever the file is by then)."""
+    fn = _HASHERS[how]
+    out: list[Any] = []
+    for k, name in enumerate(names):
         try:
             fd = os.open(name, _READ, dir_fd=dir_fd)
         except OSError:
             out.append(None)
             continue
         try:
+            if sizes is not None:
+                out.append(fn(fd, sizes[k]))
+                continue
             st = os.fstat(fd)
-            out.append(hash_blocks_fd(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None)
+            out.append(fn(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None)
         except OSError:
             out.append(None)
         finally:
@@ -247,25 +285,55 @@ def hash_files_at(dir_fd: int, names: list[str]) -> list[list[int] | None]:
 def _by_dir(paths: list[str]) -> list[tuple[str, list[int]]]:
     """Consecutive runs of ``paths`` in the same directory: (directory, indexes)."""
     runs: list[tuple[str, list[int]]] = []
+    last = None
+    idx: list[int] = []
     for i, p in enumerate(paths):
-        d = os.path.dirname(p)
-        if runs and runs[-1][0] == d:
-            runs[-1][1].append(i)
-        else:
-            runs.append((d, [i]))
+        d = p[: p.rfind("/") + 1]
+        if d != last:
+            idx = []
+            runs.append((d[:-1] if len(d) > 1 else d, idx))
+            last = d
+        idx.append(i)
     return runs
 
 
-def _local_hashes_batch(paths: list[str]) -> list[list[int] | None]:
-    """Block hashes of source files (absolute paths), one directory open per run."""
-    out: list[list[int] | None] = [None] * len(paths)
+def _local_hashes_batch(
+    paths: list[str], how: str = BLOCKS, sizes: list[int] | None = None
+) -> list[Any]:
+    """Hashes of source files (absolute paths), one directory open per run."""
+    out: list[Any] = [None] * len(paths)
     for d, idx in _by_dir(paths):
         try:
             dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            for i, h in zip(idx, hash_files_at(dfd, [os.path.basename(paths[i]) for i in idx])):
+            names = [paths[i][paths[i].rfind("/") + 1 :] for i in idx]
+            sz = None if sizes is None else [sizes[i] for i in idx]
+            for i, h in zip(idx, hash_files_at(dfd, names, how, sz)):
+                out[i] = h
+        finally:
+            os.close(dfd)
+    return out
+
+
+def _target_batch(tree: Any, rels: list[str], how: str) -> list[Any]:
+    """The target's side of ``digests_batch``/``hashes_batch``: confined like every
+    target access (each directory opened component by component from the target root,
+    no symlinks). One hash (None: no regular file) per path, in order."""
+    from dtake.service.apply import split_rel
+
+    out: list[Any] = [None] * len(rels)
+    for d, idx in _by_dir(rels):
+        try:
+            dfd = tree._open_dir(split_rel(d, allow_root=True), create=False)
+        except (OSError, ValueError):
+            dfd = None
+        if dfd is None:
+            continue
+        try:
+            names = [rels[i][rels[i].rfind("/") + 1 :] for i in idx]
+            for i, h in zip(idx, hash_files_at(dfd, names, how)):
                 out[i] = h
         finally:
             os.close(dfd)
@@ -273,41 +341,33 @@ def _local_hashes_batch(paths: list[str]) -> list[list[int] | None]:
 
 
 def target_hashes_batch(tree: Any, rels: list[str]) -> dict[str, list[int] | None]:
-    """The target's side of ``hashes_batch``: confined like every target access (each
-    directory opened component by component from the target root, no symlinks)."""
-    from dtake.service.apply import split_rel
-
-    out: dict[str, list[int] | None] = {}
-    for d, idx in _by_dir(rels):
-        names = [os.path.basename(rels[i]) for i in idx]
-        try:
-            parts = split_rel(d, allow_root=True)
-            dfd = tree._open_dir(parts, create=False)
-        except (OSError, ValueError):
-            dfd = None
-        if dfd is None:
-            out.update((rels[i], None) for i in idx)
-            continue
-        try:
-            for i, h in zip(idx, hash_files_at(dfd, names)):
-                out[rels[i]] = h
-        finally:
-            os.close(dfd)
-    return out
+    """``hashes_batch``: block hashes by path (the request of older sources)."""
+    return dict(zip(rels, _target_batch(tree, rels, BLOCKS)))
 
 
-def _volume_rel(path: str) -> str:
-    """Path relative to its filesystem's mount point (the seed drops the drive letter)."""
-    mp = path
-    while not os.path.ismount(mp) and mp != "/":
-        mp = os.path.dirname(mp)
+def target_digests_batch(tree: Any, rels: list[str]) -> list[bytes | None]:
+    """``digests_batch``: whole-file digests, in the order of ``rels``."""
+    return _target_batch(tree, rels, DIGEST)
+
+
+def _volume_rel(path: str, mounts: dict[str, str]) -> str:
+    """Path relative to its filesystem's mount point (the seed drops the drive letter);
+    ``mounts`` caches the mount point of each directory for one verification."""
+    d = os.path.dirname(path)
+    mp = mounts.get(d)
+    if mp is None:
+        mp = d
+        while not os.path.ismount(mp) and mp != "/":
+            mp = os.path.dirname(mp)
+        mounts[d] = mp
     return os.path.relpath(path, mp)
 
 
-def _out_of_sync(size: int, mine: list[int] | None, theirs: list[int] | None) -> int:
-    """Bytes in blocks that differ; the whole file when there are no hashes to compare."""
-    if mine is None or theirs is None:
-        return size  # compared by attributes (or unreadable): the whole file is suspect
+def _out_of_sync(size: int, mine: Any, theirs: Any) -> int:
+    """Bytes in blocks that differ; the whole file when there are no block lists to
+    compare (attributes only, or unreadable)."""
+    if not isinstance(mine, list) or not isinstance(theirs, list):
+        return size
     n = 0
     for i, h in enumerate(mine):
         if i >= len(theirs) or theirs[i] != h:
@@ -315,7 +375,26 @@ def _out_of_sync(size: int, mine: list[int] | None, theirs: list[int] | None) ->
     return n
 
 
-@dataclass
+# A target entry as the verification keeps it: a scan row [path, kind, size, mtime_ns,
+# mode, uid, gid, link] (``scan`` with ``rows``; a peer sending dicts is converted).
+Row = list[Any]
+_KIND, _SIZE, _MTIME, _MODE, _UID, _GID, _LINK = 1, 2, 3, 4, 5, 6, 7
+
+
+def _row(e: dict[str, Any]) -> Row:
+    return [
+        e["path"],
+        e["kind"],
+        e["size"],
+        e["mtime_ns"],
+        e.get("mode"),
+        e.get("uid"),
+        e.get("gid"),
+        e.get("link"),
+    ]
+
+
+@dataclass(slots=True)
 class _Entry:
     """One source entry compared with its target entry ``t``."""
 
@@ -323,65 +402,112 @@ class _Entry:
     rel: str
     st: os.stat_result
     kind: str  # f, l, d
-    t: dict[str, Any] | None
+    t: Row | None
     reason: str | None = None
     security: bool = False
-    mine: list[int] | None = None  # block hashes (checksum verification)
-    theirs: list[int] | None = None
+    mine: Any = None  # digest (bytes) or block hashes (list) of the source file
+    theirs: Any = None  # the same of the target file
 
 
-# Checksum verification asks the target for the block hashes of many files per request
-# (``hashes_batch``, dtake.service.datafeatures) while this side hashes the same files:
+# Checksum verification asks the target for the digests of many files per request
+# (``digests_batch``, dtake.service.datafeatures) while this side hashes the same files:
 # both sides read at once and no round trip per file. Batches are bounded so a response
-# stays small and the two sides stay in step.
+# stays small and the two sides stay in step (replication ops queued behind a batch wait
+# for one batch only).
 BATCH_FILES = 512
 BATCH_BYTES = 64 * 1024 * 1024
 _INFLIGHT = 2  # requests outstanding: the target always has the next batch queued
 
 
 class _RemoteHashes:
-    """Block hashes from the target: one request per batch, or per file with a target
-    that does not know ``hashes_batch`` (an older dtake answers -INVALID_COMMAND)."""
+    """The target's hashes of a batch of files: ``digests_batch`` (one xxh3_128 per
+    file), else ``hashes_batch`` (block lists; dtake before digests), else ``hashes``
+    per file. A target that does not know a request answers -INVALID_COMMAND, and the
+    next one is used from then on."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.batched = True
+        self.how = DIGEST
+        self.batched = True  # hashes_batch known
 
-    def __call__(self, batch: list[_Entry]) -> dict[str, list[int] | None]:
-        rels = [e.rel for e in batch]
-        if self.batched:
+    def start(self, rels: list[str]) -> tuple[str, Any]:
+        """Send the request for a batch now (answered in stream order, collected by
+        ``wait``): the target works on it while this side is busy with others."""
+        if self.how == DIGEST:
+            return DIGEST, self.conn._request_start("digests_batch", paths=rels)
+        return BLOCKS, self._start_blocks(rels)
+
+    def _start_blocks(self, rels: list[str]) -> Any:
+        if not self.batched:
+            return None
+        return self.conn._request_start("hashes_batch", paths=rels, block_size=BLOCK)
+
+    def wait(self, rels: list[str], sent: tuple[str, Any]) -> tuple[str, list[Any]]:
+        """(how, one hash or None per path) of a batch ``start`` sent."""
+        how, pending = sent
+        if how == DIGEST:
             try:
-                chunks = self.conn._request("hashes_batch", paths=rels, block_size=BLOCK)
+                last = self.conn._request_wait(*pending)[-1]
+            except DtakeError as exc:
+                if exc.code != E.INVALID_COMMAND:
+                    raise
+                self.how = BLOCKS
+                return BLOCKS, self.blocks(rels)
+            got = last.get("digests")
+            return DIGEST, list(got) if got is not None else [None] * len(rels)
+        return BLOCKS, self._wait_blocks(rels, pending)
+
+    def blocks(self, rels: list[str]) -> list[Any]:
+        """Block lists of the target's files (``hashes_batch``, else per file)."""
+        return self._wait_blocks(rels, self._start_blocks(rels))
+
+    def _wait_blocks(self, rels: list[str], pending: Any) -> list[Any]:
+        if pending is not None:
+            try:
+                got = self.conn._request_wait(*pending)[-1].get("hashes") or {}
             except DtakeError as exc:
                 if exc.code != E.INVALID_COMMAND:
                     raise
                 self.batched = False
             else:
-                got = chunks[-1].get("hashes") or {}
-                return {r: (list(got[r]) if got.get(r) is not None else None) for r in rels}
-
-        out: dict[str, list[int] | None] = {}
+                return [list(got[r]) if got.get(r) is not None else None for r in rels]
+        out: list[Any] = []
         for r in rels:
             last = self.conn._request("hashes", path=r, block_size=BLOCK)[-1]
-            out[r] = list(last.get("hashes") or []) if last.get("exists", True) else None
+            out.append(list(last.get("hashes") or []) if last.get("exists", True) else None)
         return out
 
 
 class _Pipeline:
-    """Verification as a stream: the target's scan is requested first, then batches of
-    files are sent for hashing while the walk goes on, so the target scans and hashes
-    while this side walks and hashes its own copy; a batch is decided as soon as both
-    hash lists are in. At most ``_INFLIGHT`` + 2 batches are held at once."""
+    """Verification as a stream: the target's scan is requested first, then each batch
+    of files is requested as soon as the walk has cut it, and this side hashes the same
+    files right away (in the walking thread: a hashing thread would contend with the
+    walk for the GIL at every system call), so the target scans and hashes while this
+    side walks and hashes its own copy; a batch is decided once the target's hashes are
+    in. At most ``_INFLIGHT`` + 2 batches are held at once."""
 
     def __init__(self, conn: Connection, decide: Callable[[list[_Entry]], None]) -> None:
+        self.conn = conn
         self.remote = _RemoteHashes(conn)
         self.decide = decide
-        self._rpool = ThreadPoolExecutor(_INFLIGHT, thread_name_prefix=f"verify-{conn.rec.id}")
-        self._lpool = ThreadPoolExecutor(1, thread_name_prefix=f"verify-{conn.rec.id}-local")
-        self.scan: Future[list[dict[str, Any]]] = self._rpool.submit(conn.request_scan)
+        self._scan = conn._request_start("scan", rel="", rows=True)
+        self._target: dict[str, Row] | None = None
         self._batch: list[_Entry] = []
         self._bytes = 0
-        self._pending: list[tuple[list[_Entry], Future[Any], Future[Any]]] = []
+        self._pending: list[tuple[list[_Entry], tuple[str, Any], list[Any]]] = []
+
+    def target(self) -> dict[str, Row]:
+        """The target's entries by path (waits for the end of its scan)."""
+        if self._target is None:
+            t: dict[str, Row] = {}
+            for chunk in self.conn._request_chunks(*self._scan):
+                rows = chunk.get("rows")
+                if rows is None:  # a peer without compact rows sends dicts
+                    rows = [_row(e) for e in chunk.get("entries") or ()]
+                for row in rows:
+                    t[row[0]] = row
+            self._target = t
+        return self._target
 
     def add(self, e: _Entry) -> None:
         self._batch.append(e)
@@ -394,17 +520,30 @@ class _Pipeline:
     def _flush(self) -> None:
         if self._batch:
             batch, self._batch, self._bytes = self._batch, [], 0
-            local = self._lpool.submit(_local_hashes_batch, [e.path for e in batch])
-            self._pending.append((batch, self._rpool.submit(self.remote, batch), local))
+            sent = self.remote.start([e.rel for e in batch])
+            mine = _local_hashes_batch(
+                [e.path for e in batch], sent[0], [e.st.st_size for e in batch]
+            )
+            self._pending.append((batch, sent, mine))
 
     def _finish_one(self) -> None:
-        batch, remote, local = self._pending.pop(0)
-        theirs: dict[str, list[int] | None] = remote.result()
-        for e, mine in zip(batch, local.result()):
-            e.mine, e.theirs = mine, theirs.get(e.rel)
+        batch, sent, mine = self._pending.pop(0)
+        how, theirs = self.remote.wait([e.rel for e in batch], sent)
+        if how != sent[0]:  # the target fell back to block lists: hash the same way
+            mine = _local_hashes_batch([e.path for e in batch], how)
+        for e, m, t in zip(batch, mine, theirs):
+            e.mine, e.theirs = m, t
         self.decide(batch)
         for e in batch:
-            e.mine = e.theirs = None  # memory: keep no hash list past its decision
+            e.mine = e.theirs = None  # memory: keep no hash past its decision
+
+    def blocks(self, es: list[_Entry]) -> None:
+        """Block lists of both copies of files found different (bytes out of sync)."""
+        pending = self.remote._start_blocks([e.rel for e in es])
+        mine = _local_hashes_batch([e.path for e in es], BLOCKS)
+        theirs = self.remote._wait_blocks([e.rel for e in es], pending)
+        for e, m, t in zip(es, mine, theirs):
+            e.mine, e.theirs = m, t
 
     def finish(self) -> None:
         self._flush()
@@ -412,11 +551,13 @@ class _Pipeline:
             self._finish_one()
 
     def close(self) -> None:
-        for _batch, remote, local in self._pending:
-            remote.cancel()
-            local.cancel()
-        self._rpool.shutdown(wait=True)
-        self._lpool.shutdown(wait=True)
+        """Drop what is still outstanding (after an error): the answers are ignored."""
+        rids = [sent[1][0] for _b, sent, _m in self._pending if sent[1] is not None]
+        if self._target is None:
+            rids.append(self._scan[0])
+        with self.conn._ack_cond:
+            for rid in rids:
+                self.conn._resp.pop(rid, None)
 
 
 def _compare(e: _Entry) -> None:
@@ -425,25 +566,34 @@ def _compare(e: _Entry) -> None:
     if t is None:
         e.reason = "missing on target"
         return
-    if t["kind"] != kind:
-        e.reason = f"type differs ({kind} vs {t['kind']})"
+    if t[_KIND] != kind:
+        e.reason = f"type differs ({kind} vs {t[_KIND]})"
         return
     if kind == "l":
-        if t.get("link") != os.readlink(e.path):
+        if t[_LINK] != os.readlink(e.path):
             e.reason = "link target differs"
         return
-    if t["size"] != st.st_size:
-        e.reason = f"size differs ({st.st_size} vs {t['size']})"
-    elif t["mtime_ns"] != st.st_mtime_ns:
+    if t[_SIZE] != st.st_size:
+        e.reason = f"size differs ({st.st_size} vs {t[_SIZE]})"
+    elif t[_MTIME] != st.st_mtime_ns:
         e.reason = "date/time differs"
-    if t.get("mode") is not None and t["mode"] != stat.S_IMODE(st.st_mode):
+    mode = stat.S_IMODE(st.st_mode)
+    if t[_MODE] is not None and t[_MODE] != mode:
         e.security = True
-    if (t.get("uid"), t.get("gid")) != (st.st_uid, st.st_gid):
+    if (t[_UID], t[_GID]) != (st.st_uid, st.st_gid):
         e.security = True
     if e.reason is None and e.security:
-        e.reason = (
-            "permissions differ" if t.get("mode") != stat.S_IMODE(st.st_mode) else "owner differs"
-        )
+        e.reason = "permissions differ" if t[_MODE] != mode else "owner differs"
+
+
+def _needs_blocks(e: _Entry) -> bool:
+    """A file found different by digests: its block lists count the bytes out of sync."""
+    return (
+        e.kind == "f"
+        and isinstance(e.mine, bytes)
+        and isinstance(e.theirs, bytes)
+        and e.reason not in ("permissions differ", "owner differs")
+    )
 
 
 def verify_connection(
@@ -463,6 +613,7 @@ def verify_connection(
     conn.svc.events.emit(94, con_id=conn.rec.id)
     rep = VerifyReport(conn.rec.id, conn.rec.repset, conn.rec.host, conn.rec.port, started)
     out_diffs: list[dict[str, Any]] = []
+    mounts: dict[str, str] = {}
 
     def record(e: _Entry) -> None:
         """Count one difference, log it, and queue it again with ``remirror``."""
@@ -472,7 +623,7 @@ def verify_connection(
             rep.files_missing += 1 if kind == "f" else 0
             rep.bytes_missing += st.st_size if kind == "f" else 0
         else:
-            tattrs = FileAttrs(t["mtime_ns"] / 1e9, int(t["size"]), _mask_of(e.rel, t))
+            tattrs = FileAttrs(t[_MTIME] / 1e9, int(t[_SIZE]), _mask_of(e.rel, t))
             oos = 0
             if kind == "f" and e.reason not in ("permissions differ", "owner differs"):
                 oos = _out_of_sync(st.st_size, e.mine, e.theirs)
@@ -480,7 +631,7 @@ def verify_connection(
             rep.bytes_different += oos
             rep.differences.append(
                 Difference(
-                    _volume_rel(e.path),
+                    _volume_rel(e.path, mounts),
                     e.rel,
                     e.reason,
                     FileAttrs(st.st_mtime_ns / 1e9, st.st_size, attr_mask(e.path, st)),
@@ -490,7 +641,7 @@ def verify_connection(
                 )
             )
         out_diffs.append({"path": e.rel, "reason": e.reason})
-        if remirror and not (newer and t is not None and st.st_mtime_ns <= t["mtime_ns"]):
+        if remirror and not (newer and t is not None and st.st_mtime_ns <= t[_MTIME]):
             lazy = {"f": LazyKind.CONTENT, "l": LazyKind.SYMLINK}[kind]
             conn.queue.put_lazy(lazy, e.path, mode="full" if kind == "f" else "realtime")
             if kind == "f":
@@ -498,30 +649,40 @@ def verify_connection(
                 rep.bytes_remirrored += st.st_size
 
     try:
-        target: dict[str, dict[str, Any]] = {}
 
         def decide(batch: list[_Entry]) -> None:
-            if not target:
-                target.update((x["path"], x) for x in pipe.scan.result())
+            target = pipe.target()
+            diffs: list[_Entry] = []
             for e in batch:
-                e.t = target.get(e.rel)
+                t = e.t = target.get(e.rel)
                 _compare(e)
-                same = e.t is not None and e.t["kind"] == "f" and e.t["size"] == e.st.st_size
+                same = t is not None and t[_KIND] == "f" and t[_SIZE] == e.st.st_size
                 if same and e.reason is None and (e.mine is None or e.mine != e.theirs):
                     e.reason = "checksum differs"
                 if e.reason is not None:
-                    record(e)
+                    diffs.append(e)
+            need = [e for e in diffs if _needs_blocks(e)]
+            if need:
+                pipe.blocks(need)
+            for e in diffs:
+                record(e)
 
         pipe = _Pipeline(conn, decide)
         try:
             seen: set[str] = set()
             later: list[_Entry] = []  # decided once the scan is in (no hashes needed)
+            prefix = conn.base.rstrip("/") + "/"  # Connection.rel, inlined (hot loop)
+            cut = len(prefix)
             for path, st in conn._walk(conn.base):
-                rel = conn.rel(path)
-                if rel is None:
+                if path.startswith(prefix):
+                    rel = path[cut:]
+                elif path == conn.base:
+                    rel = ""
+                else:
                     continue
                 seen.add(rel)
-                kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "f"
+                fmt = st.st_mode & 0o170000
+                kind = "d" if fmt == stat.S_IFDIR else "l" if fmt == stat.S_IFLNK else "f"
                 if kind == "f":
                     if st.st_nlink > 1:
                         rep.bytes_skipped += st.st_size  # hard links are not replicated [L3756]
@@ -534,15 +695,14 @@ def verify_connection(
                 else:
                     later.append(e)
             pipe.finish()
-            if not target:
-                target.update((x["path"], x) for x in pipe.scan.result())
+            target = pipe.target()
         finally:
             pipe.close()
         for e in later:
             t = e.t = target.get(e.rel)
             if e.kind == "d":
                 rep.dirs_compared += 1
-                if t is None or t["kind"] != "d":
+                if t is None or t[_KIND] != "d":
                     rep.dirs_missing += 1
                     if remirror:
                         conn.queue.put_lazy(LazyKind.MKDIR, e.path, mode="realtime")
@@ -557,7 +717,7 @@ def verify_connection(
 
             process_orphans(
                 conn,
-                {p: (e["kind"], e["size"], e["mtime_ns"]) for p, e in target.items()},
+                {p: (e[_KIND], e[_SIZE], e[_MTIME]) for p, e in target.items()},
                 seen,
             )
     except BaseException:
@@ -584,16 +744,16 @@ def verify_connection(
     }
 
 
-def _mask_of(rel: str, t: dict[str, Any]) -> int:
+def _mask_of(rel: str, t: Row) -> int:
     m = 0
-    mode = t.get("mode")
+    mode = t[_MODE]
     if mode is not None and not int(mode) & 0o222:
         m |= READONLY
     if os.path.basename(rel).startswith("."):
         m |= HIDDEN
-    if t.get("kind") == "d":
+    if t[_KIND] == "d":
         m |= DIRECTORY
-    if t.get("kind") == "l":
+    if t[_KIND] == "l":
         m |= REPARSE
     return m or NORMAL
 

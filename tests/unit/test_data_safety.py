@@ -38,7 +38,6 @@ from dtake.service.verify import (
     format_report,
     format_time,
     hash_blocks_fd,
-    target_hashes_batch,
 )
 
 # ---------------------------------------------------------------------------- data state
@@ -470,40 +469,6 @@ def test_verify_block_hashes_equal_the_targets_function(tmp_path: Any, size: int
         assert len(hash_blocks_fd(fd, size)) == -(-size // BLOCK)
     finally:
         os.close(fd)
-
-
-def test_target_hashes_batch_is_confined_and_reports_non_files(tmp_path: Any) -> None:
-    from dtake.service.apply import TargetTree, block_hashes_fd
-
-    root = tmp_path / "t"
-    (root / "d").mkdir(parents=True)
-    (root / "d" / "a").write_bytes(b"x" * (BLOCK + 3))
-    (root / "top").write_bytes(b"hello")
-    (root / "link").symlink_to("top")
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret").write_bytes(b"secret")
-    (root / "escape").symlink_to(outside)
-    tree = TargetTree(str(root))
-    try:
-        got = target_hashes_batch(
-            tree, ["d/a", "top", "link", "missing", "d", "escape/secret", "d/none"]
-        )
-    finally:
-        tree.close()
-    fd = os.open(root / "d" / "a", os.O_RDONLY)
-    try:
-        assert got["d/a"] == block_hashes_fd(fd, BLOCK)
-    finally:
-        os.close(fd)
-    assert got["top"] is not None and len(got["top"]) == 1
-    # A symlink, a directory, a missing file and a path through a symlinked directory
-    # have no hashes: verification reports them different, never reads outside the copy.
-    assert got["link"] is None
-    assert got["missing"] is None
-    assert got["d"] is None
-    assert got["escape/secret"] is None
-    assert got["d/none"] is None
 
 
 # ---------------------------------------------------------------------------- statistics
