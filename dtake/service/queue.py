@@ -102,6 +102,7 @@ class Item:
     meta: dict[str, Any] = field(default_factory=dict)
     ino: int = 0  # inode of `path` when queued (0: it did not exist)
     from_disk: bool = False  # read back from a log: validated by identity when taken
+    gen: int = -1  # refill generation it was read back in (merging on refill, below)
 
     def cost(self) -> int:
         """Accounted memory (constant for the item's life: path and op never change)."""
@@ -214,7 +215,13 @@ class SourceQueue:
         self._sent: deque[tuple[int, int]] = deque()  # (first seq, item order), unacked
         self._skip_through = 0  # reloaded items at or below this order were applied
         self._reload_upto = 0  # items at or below this order come from before a restart
-        self.stats = {"spilled_items": 0, "refilled_items": 0, "dropped_stale": 0}
+        self.stats = {
+            "spilled_items": 0,
+            "refilled_items": 0,
+            "dropped_stale": 0,
+            "merged_on_refill": 0,
+        }
+        self._refill_gen = 0  # bumped by every eager op or marker read back from disk
         if journal is not None:
             self._open_journal(journal)
 
@@ -336,6 +343,27 @@ class SourceQueue:
                 continue
             if item.lazy == LazyKind.MIRROR_END and item.order <= self._reload_upto:
                 continue  # the mirror that queued it died with the previous process
+            if item.lazy is None or item.lazy == LazyKind.MIRROR_END or not item.path:
+                self._refill_gen += 1  # an eager op or a marker: nothing merges across it
+            else:
+                key = (item.lazy, item.path)
+                old = self._pending.get(key)
+                if (
+                    old is not None
+                    and old.gen == self._refill_gen
+                    and not old.cancelled
+                    and old.ino == item.ino
+                    and old.order < item.order
+                ):
+                    # The dedup of put_lazy, on the way back from disk: an item for the
+                    # same file, read back since the last eager op and not taken yet,
+                    # reads the latest state when it is sent (after this item's change).
+                    if item.mode != "realtime":
+                        old.mode = item.mode
+                    old.meta.update(item.meta)
+                    self.stats["merged_on_refill"] += 1
+                    continue
+                item.gen = self._refill_gen
             self._items.append(item)
             self._bytes += item.cost()
             self.note_peak()
