@@ -202,6 +202,7 @@ class SourceQueue:
         self.peak_bytes = 0
         self._items: deque[Item] = deque()
         self._pending: dict[tuple[str, str], Item] = {}
+        self._cancelled = 0  # cancelled items still in _items (len() without a scan)
         self._order = itertools.count(1)
         self._bytes = 0
         self.cond = threading.Condition()
@@ -425,6 +426,7 @@ class SourceQueue:
             for key, item in list(self._pending.items()):
                 if _under(key[1], src_abs):
                     item.cancelled = True
+                    self._cancelled += 1
                     del self._pending[key]
             return self._append(Item(next(self._order), op=op))
 
@@ -436,6 +438,7 @@ class SourceQueue:
             )
             for item in moved:
                 item.cancelled = True
+                self._cancelled += 1
                 del self._pending[(item.lazy or "", item.path)]
             if not self._append(Item(next(self._order), op=op)):
                 return False
@@ -477,6 +480,7 @@ class SourceQueue:
                     self._refill()
                 while self._items and self._items[0].cancelled:
                     dead = self._items.popleft()
+                    self._cancelled -= 1
                     self._bytes -= dead.cost()
                 if self._items:
                     item = self._items.popleft()
@@ -536,6 +540,7 @@ class SourceQueue:
     def clear(self) -> None:
         with self.cond:
             self._items.clear()
+            self._cancelled = 0
             self._pending.clear()
             self._bytes = 0
             self._disk_items = 0
@@ -557,6 +562,7 @@ class SourceQueue:
         """The connection is removed: delete its logs."""
         with self.cond:
             self._items.clear()
+            self._cancelled = 0
             self._pending.clear()
             self._bytes = 0
             self._disk_items = self._disk_bytes = 0
@@ -565,7 +571,7 @@ class SourceQueue:
 
     def __len__(self) -> int:
         with self.cond:
-            return sum(1 for it in self._items if not it.cancelled) + self._disk_items
+            return len(self._items) - self._cancelled + self._disk_items
 
     @property
     def bytes(self) -> int:
@@ -579,7 +585,7 @@ class SourceQueue:
     def figures(self) -> dict[str, Any]:
         with self.cond:
             return {
-                "memory_items": sum(1 for it in self._items if not it.cancelled),
+                "memory_items": len(self._items) - self._cancelled,
                 "memory_bytes": self._bytes,
                 "memory_max_bytes": self.max_bytes,
                 "inflight_bytes": self.inflight_bytes,

@@ -320,6 +320,25 @@ def test_items_read_back_from_disk_merge_until_an_eager_op(tmp_path: Any) -> Non
     assert q.stats["merged_on_refill"] == 10
 
 
+def test_len_counts_live_items_without_cancelled_ones(tmp_path: Any) -> None:
+    d = tmp_path / "src"
+    (d / "sub").mkdir(parents=True)
+    paths = [str(d / f"f{i}") for i in range(5)] + [str(d / "sub" / f"g{i}") for i in range(5)]
+    for p in paths:
+        open(p, "w").close()
+    q = SourceQueue(MB)
+    for p in paths:
+        assert q.put_lazy(LazyKind.CONTENT, p)
+    assert len(q) == 10
+    assert q.put_delete(paths[0], Op(OpKind.DELETE, "f0"))  # cancels one, adds one
+    assert q.put_rename(
+        str(d / "sub"), str(d / "moved"), Op(OpKind.RENAME, "sub", new_path="moved")
+    )
+    live = sum(1 for it in q._items if not it.cancelled)
+    assert len(q) == live == q.figures()["memory_items"] == 11  # 10 - 1 + 1 - 5 + 6
+    assert len(drain(q)) == 11 and len(q) == 0
+
+
 def test_clear_removes_logs(tmp_path: Any) -> None:
     j = journal(str(tmp_path))
     q = SourceQueue(1000, journal=j)
