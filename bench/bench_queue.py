@@ -23,10 +23,16 @@ import argparse
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_replication import Profiler
+from bench.common import cpu_delta, thread_cpu
 from dtake.protocol.auth import generate_key_file
 from dtake.testing import ServiceProcess, tree_diff
 
@@ -47,7 +53,9 @@ def status(svc: ServiceProcess) -> dict[str, Any]:
     return dict(svc.call("status")["connections"][0])
 
 
-def one(root: str, key: str, mem_mb: float, files: int) -> dict[str, Any]:
+def one(
+    root: str, key: str, mem_mb: float, files: int, profile: str | None = None
+) -> dict[str, Any]:
     src, dst = os.path.join(root, "src"), os.path.join(root, "dst")
     os.makedirs(src)
     a = ServiceProcess(
@@ -86,8 +94,13 @@ def one(root: str, key: str, mem_mb: float, files: int) -> dict[str, Any]:
         full = rss_kb(a.proc.pid)
         t0 = time.monotonic()
         b.start()
-        a.call("wait", con_id=cid, timeout_s=600)
+        assert b.proc is not None
+        pids = {"source": a.proc.pid, "target": b.proc.pid}
+        before = {k: thread_cpu(p) for k, p in pids.items()}
+        with Profiler(profile).record(pids, f"drain-{mem_mb:g}MB"):
+            a.call("wait", con_id=cid, timeout_s=600)
         drain = time.monotonic() - t0
+        cpu = {k: sum(cpu_delta(before[k], thread_cpu(p)).values()) for k, p in pids.items()}
         same = tree_diff(src, dst) == []
         ids = [int(e["id"]) for e in a.call("events", limit=5000)]
         return {
@@ -102,6 +115,7 @@ def one(root: str, key: str, mem_mb: float, files: int) -> dict[str, Any]:
             "rss_growth_mb": (full["VmRSS"] - base["VmRSS"]) / 1024,
             "drain_s": drain,
             "drain_files_per_s": files / drain,
+            "drain_cpu_s": cpu,
             "identical": same,
             "overflows": ids.count(51001),  # inotify overflowed: a difference mirror
             "remirrors": status(a)["stats"]["remirrors"],
@@ -115,6 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--files", type=int, default=60000)
     ap.add_argument("--limits", default="1,8,64", help="memory limits in MB")
+    ap.add_argument("--profile", help="py-spy the drain of both services into DIR")
     args = ap.parse_args()
     top = tempfile.mkdtemp(prefix="bench-queue-")
     key = os.path.join(top, "key")
@@ -127,7 +142,7 @@ def main() -> None:
             f"{'files/s':>8} same"
         )
         for lim in (float(x) for x in args.limits.split(",")):
-            r = one(tempfile.mkdtemp(dir=top), key, lim, args.files)
+            r = one(tempfile.mkdtemp(dir=top), key, lim, args.files, args.profile)
             within = r["rss_growth_mb"] <= lim + FIXED_OVERHEAD_MB
             print(
                 f"{r['memory_max_mb']:>6g} {r['memory_items']:>7} {r['disk_items']:>8} "
@@ -135,7 +150,8 @@ def main() -> None:
                 f"{r['rss_idle_mb']:>9.1f} {r['rss_queued_mb']:>10.1f} "
                 f"{r['rss_growth_mb']:>7.1f} {'ok' if within else 'OVER':>6} "
                 f"{r['drain_s']:>8.1f} {r['drain_files_per_s']:>8.0f} {r['identical']}  "
-                f"overflows {r['overflows']}"
+                f"overflows {r['overflows']}  drain CPU source "
+                f"{r['drain_cpu_s']['source']:.2f} s, target {r['drain_cpu_s']['target']:.2f} s"
             )
     finally:
         shutil.rmtree(top, ignore_errors=True)

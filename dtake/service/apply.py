@@ -33,6 +33,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
+import mmap
 import os
 import random
 import re
@@ -74,6 +76,12 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024
 # directory replaced), after a failed op, and when the receiver goes idle.
 DIR_CACHE_MAX = 256
 PREALLOCATE_MIN = 1024 * 1024  # FILE_BEGIN sizes from this on are preallocated
+# Whole-file transfers of at least this size (FILE_BEGIN carries it) are written with
+# O_DIRECT where the writes are aligned: no copy into the page cache (see _write).
+DIRECT_MIN = 4 * 1024 * 1024
+DIRECT_ALIGN = 4096  # offsets, lengths and the buffer address of direct writes
+DIRECT_WRITE_MIN = 64 * 1024  # smaller writes go through the page cache
+DIRECT_BUF = 1024 * 1024  # the aligned bounce buffer (direct writes go in pieces of it)
 
 
 def _umask() -> int:
@@ -125,6 +133,7 @@ class _Transfer:
     tmp: str
     name: str
     size: int = 0  # the temp file's current length (it starts empty; WRITEs extend it)
+    direct: bool = False  # the fd has O_DIRECT set (big whole-file transfer, see _write)
 
 
 def split_rel(path: object, *, allow_root: bool = False) -> tuple[str, ...]:
@@ -198,12 +207,22 @@ def file_digest_fd(fd: int) -> bytes:
     return h.digest()
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Set or clear O_DIRECT on ``fd``; False where the file system refuses it."""
+    try:
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (fl | os.O_DIRECT) if on else (fl & ~os.O_DIRECT))
+    except OSError:
+        return False
+    return True
 
 
 def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
@@ -254,6 +273,7 @@ class TargetTree:
         self._dirs: dict[tuple[str, ...], tuple[int, bool]] = {}
         self._root_sgid = bool(os.fstat(self._root_fd).st_mode & stat.S_ISGID)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._dio_buf: mmap.mmap | None = None  # aligned buffer of direct writes
         self._handlers: dict[OpKind, Callable[[Op], None]] = {
             OpKind.MKDIR: self._mkdir,
             OpKind.FILE_BEGIN: self._file_begin,
@@ -420,6 +440,8 @@ class TargetTree:
             os.close(self._root_fd)
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
+            if self._dio_buf is not None:
+                self._dio_buf.close()
 
     def __enter__(self) -> TargetTree:
         return self
@@ -743,6 +765,7 @@ class TargetTree:
         # temp file then has that length; FILE_END truncates if the file changed size.
         if op.size is not None and op.size >= PREALLOCATE_MIN and _preallocate(fd, op.size):
             t.size = op.size
+            t.direct = op.size >= DIRECT_MIN and _set_direct(fd, True)
         self._transfers[key] = t
 
     def _write(self, op: Op) -> None:
@@ -751,7 +774,10 @@ class TargetTree:
             raise ValueError(f"negative offset {op.offset}")
         t = self._transfers.get("/".join(parts))
         if t is not None:
-            _pwrite_all(t.fd, op.data, op.offset)
+            if t.direct:
+                self._write_direct(t, op.data, op.offset)
+            else:
+                _pwrite_all(t.fd, op.data, op.offset)
             if op.data:
                 t.size = max(t.size, op.offset + len(op.data))
             return
@@ -760,6 +786,39 @@ class TargetTree:
             _pwrite_all(fd, op.data, op.offset)
         finally:
             os.close(fd)
+
+    def _write_direct(self, t: _Transfer, data: bytes, offset: int) -> None:
+        """Write a big transfer's data with O_DIRECT: copied into an aligned buffer and
+        written from there to the device, not into the page cache. Filling the page
+        cache is most of a buffered write's cost (measured: 1.2-1.7 s of CPU per GiB on
+        the benchmark VM, against 0.15-0.2 s direct, copy included; docs/replication-
+        performance.md). Unaligned pieces (a file's tail) and any refusal of the file
+        system go through the page cache: the fd loses O_DIRECT for good."""
+        n = len(data)
+        if n < DIRECT_WRITE_MIN or offset % DIRECT_ALIGN or n % DIRECT_ALIGN:
+            t.direct = False
+            _set_direct(t.fd, False)
+            _pwrite_all(t.fd, data, offset)
+            return
+        if self._dio_buf is None:
+            self._dio_buf = mmap.mmap(-1, DIRECT_BUF)  # page-aligned
+        buf = self._dio_buf
+        src = memoryview(data)
+        done = 0
+        try:
+            while done < n:
+                k = min(DIRECT_BUF, n - done)
+                buf[:k] = src[done : done + k]
+                w = os.pwrite(t.fd, memoryview(buf)[:k], offset + done)
+                done += w
+                if w != k:  # short (rare): the rest is unaligned now
+                    raise OSError(errno.EINVAL, "short direct write")
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            t.direct = False
+            _set_direct(t.fd, False)
+            _pwrite_all(t.fd, src[done:], offset + done)
 
     def _file_whole(self, op: Op, parts: tuple[str, ...]) -> None:
         """A whole small file in one op (FILE_END tagged ``whole``, its data at offset 0):

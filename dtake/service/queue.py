@@ -102,6 +102,7 @@ class Item:
     meta: dict[str, Any] = field(default_factory=dict)
     ino: int = 0  # inode of `path` when queued (0: it did not exist)
     from_disk: bool = False  # read back from a log: validated by identity when taken
+    gen: int = -1  # refill generation it was read back in (merging on refill, below)
 
     def cost(self) -> int:
         """Accounted memory (constant for the item's life: path and op never change)."""
@@ -201,6 +202,7 @@ class SourceQueue:
         self.peak_bytes = 0
         self._items: deque[Item] = deque()
         self._pending: dict[tuple[str, str], Item] = {}
+        self._cancelled = 0  # cancelled items still in _items (len() without a scan)
         self._order = itertools.count(1)
         self._bytes = 0
         self.cond = threading.Condition()
@@ -214,7 +216,13 @@ class SourceQueue:
         self._sent: deque[tuple[int, int]] = deque()  # (first seq, item order), unacked
         self._skip_through = 0  # reloaded items at or below this order were applied
         self._reload_upto = 0  # items at or below this order come from before a restart
-        self.stats = {"spilled_items": 0, "refilled_items": 0, "dropped_stale": 0}
+        self.stats = {
+            "spilled_items": 0,
+            "refilled_items": 0,
+            "dropped_stale": 0,
+            "merged_on_refill": 0,
+        }
+        self._refill_gen = 0  # bumped by every eager op or marker read back from disk
         if journal is not None:
             self._open_journal(journal)
 
@@ -336,6 +344,27 @@ class SourceQueue:
                 continue
             if item.lazy == LazyKind.MIRROR_END and item.order <= self._reload_upto:
                 continue  # the mirror that queued it died with the previous process
+            if item.lazy is None or item.lazy == LazyKind.MIRROR_END or not item.path:
+                self._refill_gen += 1  # an eager op or a marker: nothing merges across it
+            else:
+                key = (item.lazy, item.path)
+                old = self._pending.get(key)
+                if (
+                    old is not None
+                    and old.gen == self._refill_gen
+                    and not old.cancelled
+                    and old.ino == item.ino
+                    and old.order < item.order
+                ):
+                    # The dedup of put_lazy, on the way back from disk: an item for the
+                    # same file, read back since the last eager op and not taken yet,
+                    # reads the latest state when it is sent (after this item's change).
+                    if item.mode != "realtime":
+                        old.mode = item.mode
+                    old.meta.update(item.meta)
+                    self.stats["merged_on_refill"] += 1
+                    continue
+                item.gen = self._refill_gen
             self._items.append(item)
             self._bytes += item.cost()
             self.note_peak()
@@ -397,6 +426,7 @@ class SourceQueue:
             for key, item in list(self._pending.items()):
                 if _under(key[1], src_abs):
                     item.cancelled = True
+                    self._cancelled += 1
                     del self._pending[key]
             return self._append(Item(next(self._order), op=op))
 
@@ -408,6 +438,7 @@ class SourceQueue:
             )
             for item in moved:
                 item.cancelled = True
+                self._cancelled += 1
                 del self._pending[(item.lazy or "", item.path)]
             if not self._append(Item(next(self._order), op=op)):
                 return False
@@ -449,6 +480,7 @@ class SourceQueue:
                     self._refill()
                 while self._items and self._items[0].cancelled:
                     dead = self._items.popleft()
+                    self._cancelled -= 1
                     self._bytes -= dead.cost()
                 if self._items:
                     item = self._items.popleft()
@@ -508,6 +540,7 @@ class SourceQueue:
     def clear(self) -> None:
         with self.cond:
             self._items.clear()
+            self._cancelled = 0
             self._pending.clear()
             self._bytes = 0
             self._disk_items = 0
@@ -529,6 +562,7 @@ class SourceQueue:
         """The connection is removed: delete its logs."""
         with self.cond:
             self._items.clear()
+            self._cancelled = 0
             self._pending.clear()
             self._bytes = 0
             self._disk_items = self._disk_bytes = 0
@@ -537,7 +571,7 @@ class SourceQueue:
 
     def __len__(self) -> int:
         with self.cond:
-            return sum(1 for it in self._items if not it.cancelled) + self._disk_items
+            return len(self._items) - self._cancelled + self._disk_items
 
     @property
     def bytes(self) -> int:
@@ -551,7 +585,7 @@ class SourceQueue:
     def figures(self) -> dict[str, Any]:
         with self.cond:
             return {
-                "memory_items": sum(1 for it in self._items if not it.cancelled),
+                "memory_items": len(self._items) - self._cancelled,
                 "memory_bytes": self._bytes,
                 "memory_max_bytes": self.max_bytes,
                 "inflight_bytes": self.inflight_bytes,

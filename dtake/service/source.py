@@ -60,6 +60,7 @@ MIN_CHUNK = 4 * 1024
 WALK_SLICE = 1024  # mirror walk: entries per list (a huge directory comes in slices)
 BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
 SIG_CACHE_MAX_BLOCKS = 4 * 1024 * 1024
+ACK_TAG = "ak"  # on the last op of a frame: acknowledge right after applying it
 
 MIRROR_MODES = ("full", "differences", "checksum", "newer", "none")
 
@@ -137,6 +138,7 @@ class Connection:
         self._inflight_bytes = 0
         self._batch: list[Op] = []
         self._batch_bytes = 0
+        self._unasked = 0  # bytes sent since the last frame that asked for an early ACK
         self._resp: dict[int, list[Any]] = {}
         self._req_id = 0
         # state
@@ -1116,8 +1118,20 @@ class Connection:
         with self._send_lock:
             with self._lock:
                 batch, self._batch = self._batch, []
+                self._unasked += self._batch_bytes
                 self._batch_bytes = 0
                 fs = self._fs
+                if batch and fs is not None and self._unasked >= self.window_bytes // 4:
+                    # Early acknowledgement: a quarter of the window went out since the
+                    # last ask, so the target acknowledges right after applying this
+                    # frame instead of at its cumulative cadence (the window must reopen
+                    # before it is full, or sending stalls until the target drains).
+                    self._unasked = 0
+                    last = batch[-1]
+                    if not last.tags:  # op_cost grows by the tags; keep the books exact
+                        self._inflight_bytes += TAGS_OVERHEAD
+                        self.queue.inflight_bytes = self._inflight_bytes
+                    last.tags[ACK_TAG] = 1
             if batch and fs is not None:
                 parts = encode_ops(batch)
                 # Bandwidth limit: the frame pays before it leaves (after_send corrects

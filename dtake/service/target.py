@@ -35,6 +35,7 @@ CLEANUP_STORE = "target_cleanup.json"
 ACK_EVERY_OPS = 2048
 ACK_EVERY_BYTES = 16 * 1024 * 1024
 ACK_EVERY_S = 0.05
+ACK_TAG = "ak"  # tag on the last op of a frame: the source asks for an ACK at once
 # An apply failing with one of these is retried before the op is dropped (the seed's
 # TGExecutionRetryLimit [L3761-3766]): the call changed nothing (or is repeated
 # whole), and the condition may pass: space freed, a file made writable again
@@ -367,6 +368,7 @@ class TargetServer:
                 if (
                     more
                     and not failed
+                    and not (ops and ops[-1].tags.get(ACK_TAG))  # the source asks for it now
                     and unacked_ops < ACK_EVERY_OPS
                     and unacked_bytes < ACK_EVERY_BYTES
                     and now - last_ack < ACK_EVERY_S

@@ -732,3 +732,50 @@ def test_root_reopened_not_dupped(root: Path, tree: TargetTree) -> None:
     for i in range(3):
         (root / f"f{i}").write_bytes(b"")
     assert len(list(tree.scan())) == 3 and len(list(tree.scan())) == 3
+
+
+def _big_transfer(
+    tree: TargetTree, path: str, data: bytes, chunks: list[tuple[int, int]]
+) -> list[bool]:
+    """FILE_BEGIN with the size, WRITEs of ``chunks`` (offset, length) as views of a
+    frame-like buffer at an odd address, FILE_END; whether each write left O_DIRECT on."""
+    frame = bytearray(b"\0" * 13 + data)  # data at an unaligned address, as received
+    view = memoryview(frame)[13:]
+    tree.apply(Op(K.FILE_BEGIN, path, size=len(data)))
+    direct = []
+    for off, n in chunks:
+        tree.apply(Op(K.WRITE, path, offset=off, data=view[off : off + n]))  # type: ignore[arg-type]
+        direct.append(tree._transfers[path].direct)
+    tree.apply(Op(K.FILE_END, path, size=len(data), mode=0o640, mtime_ns=MTIME))
+    return direct
+
+
+def test_big_transfer_is_written_direct_then_its_tail_buffered(
+    tree: TargetTree, root: Path
+) -> None:
+    mib = 1024 * 1024
+    data = os.urandom(5 * mib + 1234)
+    chunks = [(i * mib, mib) for i in range(5)] + [(5 * mib, 1234)]
+    direct = _big_transfer(tree, "big", data, chunks)
+    assert direct == [True] * 5 + [False]  # aligned chunks direct, the short tail not
+    assert (root / "big").read_bytes() == data
+    st = os.stat(root / "big")
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == MTIME
+
+
+def test_unaligned_write_in_a_big_transfer_falls_back_to_the_page_cache(
+    tree: TargetTree, root: Path
+) -> None:
+    mib = 1024 * 1024
+    data = os.urandom(6 * mib)
+    # A file that changed while read: a short chunk, then chunks at unaligned offsets.
+    chunks = [(0, mib), (mib, 1000), (mib + 1000, mib), (2 * mib + 1000, 4 * mib - 1000)]
+    direct = _big_transfer(tree, "f", data, chunks)
+    assert direct == [True, False, False, False]
+    assert (root / "f").read_bytes() == data
+
+
+def test_small_transfers_are_not_direct(tree: TargetTree, root: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    assert _big_transfer(tree, "f", data, [(0, len(data))]) == [False]
+    assert (root / "f").read_bytes() == data

@@ -285,6 +285,60 @@ def test_delete_cancels_memory_items_and_disk_items_vanish(tmp_path: Any) -> Non
     assert len([it for it in got if it.lazy]) < 100
 
 
+def test_items_read_back_from_disk_merge_until_an_eager_op(tmp_path: Any) -> None:
+    """A file changed several times while the queue spills has one item per change on
+    disk (the dedup index covers memory only); read back, the later items for the same
+    file merge into the earlier one still waiting, but never across an eager op."""
+    d = tmp_path / "src"
+    d.mkdir()
+    files = []
+    for i in range(10):
+        p = d / f"f{i}"
+        p.write_text("x")
+        files.append(str(p))
+    q = SourceQueue(40_000, journal=journal(str(tmp_path / "q")))
+    n = 0
+    while not q.spilled:  # fill memory: everything after this goes to disk
+        assert q.put_op(Op(OpKind.DELETE, f"m{n:04}"))
+        n += 1
+    for _ in range(2):  # created, then written: two items each on disk
+        for p in files:
+            assert q.put_lazy(LazyKind.CONTENT, p)
+    assert q.put_op(Op(OpKind.DELETE, "other"))
+    for p in files:
+        assert q.put_lazy(LazyKind.CONTENT, p, mode="full")
+    got = drain(q)
+    tail = [
+        (it.op.path if it.op else os.path.basename(it.path), it.mode)
+        for it in got
+        if not (it.op and it.op.path.startswith("m"))
+    ]
+    base = [os.path.basename(p) for p in files]
+    assert tail == [(b, "realtime") for b in base] + [("other", "realtime")] + [
+        (b, "full") for b in base
+    ]
+    assert q.stats["merged_on_refill"] == 10
+
+
+def test_len_counts_live_items_without_cancelled_ones(tmp_path: Any) -> None:
+    d = tmp_path / "src"
+    (d / "sub").mkdir(parents=True)
+    paths = [str(d / f"f{i}") for i in range(5)] + [str(d / "sub" / f"g{i}") for i in range(5)]
+    for p in paths:
+        open(p, "w").close()
+    q = SourceQueue(MB)
+    for p in paths:
+        assert q.put_lazy(LazyKind.CONTENT, p)
+    assert len(q) == 10
+    assert q.put_delete(paths[0], Op(OpKind.DELETE, "f0"))  # cancels one, adds one
+    assert q.put_rename(
+        str(d / "sub"), str(d / "moved"), Op(OpKind.RENAME, "sub", new_path="moved")
+    )
+    live = sum(1 for it in q._items if not it.cancelled)
+    assert len(q) == live == q.figures()["memory_items"] == 11  # 10 - 1 + 1 - 5 + 6
+    assert len(drain(q)) == 11 and len(q) == 0
+
+
 def test_clear_removes_logs(tmp_path: Any) -> None:
     j = journal(str(tmp_path))
     q = SourceQueue(1000, journal=j)
