@@ -328,10 +328,13 @@ def _peer_request(
         datastate.target_request(svc, st, req)
         return {"data_state": st.data_state}
     if op == "close":
-        # The source disconnects for good: unblock [L5005] and keep the state.
+        # The source disconnects for good: unblock [L5005] and keep the state; a detach
+        # token when asked for and this side is clean (dtake.service.journal).
         if f is not None and f.blocker.is_blocked(st.target_path):
             f.blocker.unblock(st.target_path)
-        return {"closed": True}
+        from dtake.service.journal import issue_token
+
+        return {"closed": True, **issue_token(svc, st, req)}
     if op == "orphans":
         from dtake.service.orphans import target_process
 
@@ -375,13 +378,20 @@ def _peer_request(
     raise DtakeError(E.INVALID_COMMAND, f"unknown request {op!r}")
 
 
-def before_disconnect(svc: Service, conn: Connection) -> None:
-    """``dtake disconnect``: tell the target (it unblocks its path) while we still can."""
+def before_disconnect(
+    svc: Service, conn: Connection, *, detach_token: bool = False
+) -> dict[str, Any]:
+    """``dtake disconnect``: tell the target (it unblocks its path) while we still can.
+    ``detach_token``: ask for one (dtake.service.journal). The target's answer ({} when
+    none came)."""
     if conn._fs is None:
-        return
+        return {}
     try:
         # Bounded: a target behind a partition never answers, and a disconnect (an agent's
         # stop, SourceConnection's in particular) must not wait minutes for it.
-        conn._request("close", wait_s=5.0)
+        ask = {"detach_token": True} if detach_token else {}
+        chunks = conn._request("close", wait_s=5.0, **ask)
     except Exception as exc:
         log.info("connection %d: close not confirmed: %s", conn.rec.id, exc)
+        return {}
+    return dict(chunks[-1]) if chunks else {}
