@@ -66,8 +66,8 @@ DIR = 16  # the path was a directory when marked
 
 DEFAULT_MAX_PATHS = 100_000
 MAX_TOKENS = 16  # detach tokens kept by a target (one inotify instance each)
-ARM_WAIT_S = 60.0
-CLOCK_REALTIME_COARSE = 5  # linux/time.h (not in Python's time module): stamps ctimes  # how long an open waits for a token's watches to be in place
+ARM_WAIT_S = 20.0  # an open waits this long for the watches (the source waits 30 s)
+CLOCK_REALTIME_COARSE = 5  # linux/time.h (not in Python's time module): stamps ctimes
 
 EVENTS.update(
     {
