@@ -129,6 +129,7 @@ class ChangeJournal:
         self.key = key
         self.rules = rules
         self.base = rules.base()
+        self.roots = frozenset(rules.watch_roots())
         self.max_paths = max_paths
         self.marks: dict[str, int] = {}
         self.token = ""  # the target's detach token (set once the disconnect is clean)
@@ -169,6 +170,10 @@ class ChangeJournal:
     ) -> None:
         """One capture event (the capture loop's kinds, after its temp-file handling)."""
         if self.invalid:
+            return
+        if kind in ("deleted", "moved") and path in self.roots:
+            # The capture stops watching a root that goes: a new one would be unseen.
+            self.invalidate(f"{path}, a watched root of the set, was deleted or moved")
             return
         d = DIR if is_dir else 0
         matches = self.rules.matches
@@ -245,7 +250,8 @@ class Journals:
         j = ChangeJournal(key, conn.rules, max_paths=self.max_paths)
         self._journals[key] = j  # a newer disconnect replaces an older journal
         self._dropped.pop(key, None)
-        watched = self.svc._watched
+        capture = self.svc.capture
+        watched = capture.roots if capture is not None else frozenset()
         for root in conn.rules.watch_roots():
             if not any(root == w or root.startswith(w.rstrip("/") + "/") for w in watched):
                 j.invalidate(f"{root} is not watched (it did not exist when connected)")

@@ -123,6 +123,14 @@ def test_bound_invalidates_and_frees() -> None:
     assert len(j) == 0
 
 
+@pytest.mark.parametrize("kind", ["deleted", "moved"])
+def test_a_root_that_goes_invalidates(kind: str) -> None:
+    # The capture drops a vanished root's watches: what is made there later is unseen.
+    j = _journal()
+    j.mark_event(kind, B, is_dir=True, dest="/elsewhere" if kind == "moved" else None)
+    assert "watched root" in j.invalid
+
+
 def test_invalidate_keeps_the_first_reason() -> None:
     j = _journal()
     j.mark_event("created", f"{B}/a")
