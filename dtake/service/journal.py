@@ -446,7 +446,9 @@ def replay(conn: Connection, marks: dict[str, int], mode: str, cancel: threading
 
     gone: set[str] = set()  # missing or no longer directories: what was below them is covered
     walked: set[str] = set()  # directories whose whole subtree was queued
-    attrs: set[str] = set()  # directories whose attributes go again at the end
+    # Directories whose attributes go again at the end; the base always, as the walk
+    # always sends it (with several roots the base itself is not watched).
+    attrs: set[str] = {base} if os.path.isdir(base) else set()
     total = 0
     for path in sorted(marks, key=_order):
         if halt():

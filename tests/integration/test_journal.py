@@ -234,3 +234,24 @@ def test_full_mirror_mode_walks(tmp_path: Any, service: Factory) -> None:
     st = _resync(a, b, dst, mirror="full")
     assert st["resync"]["method"] == "walk" and "full" in st["resync"]["reason"]
     _same(src, dst)
+
+
+def test_journal_resync_of_a_set_with_two_roots(tmp_path: Any, service: Factory) -> None:
+    """The base (common directory of two roots) is not watched: its attributes are sent
+    by every resync, as the walk sends them."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    _tree(src)
+    os.unlink(f"{src}/link")
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src}/d0 inc, rec", f"{src}/d1 inc, rec"])
+    cid = _connect(a, b, dst, mirror="full")
+    settle(a, cid)
+    _disconnect(a, cid)
+    for d in ("d2", "d3", "d4", "d5"):
+        shutil.rmtree(f"{src}/{d}")  # outside both roots: never replicated
+    os.chmod(src, 0o711)
+    _write(f"{src}/d0/new", b"new\n")
+    os.rename(f"{src}/d1/f000", f"{src}/d0/from-d1")
+    st = _resync(a, b, dst)
+    assert st["resync"]["method"] == "journal", st["resync"]
+    _same(src, dst)

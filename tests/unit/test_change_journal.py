@@ -246,6 +246,15 @@ def test_replay_order_and_ops(tmp_path: Any) -> None:
     assert conn.mirror_queued_done
 
 
+def test_replay_of_an_empty_journal_sends_the_base_attributes(tmp_path: Any) -> None:
+    # As the walk, which always sends the base (with several roots it is not watched).
+    base = str(tmp_path / "src")
+    os.makedirs(base)
+    conn = _Conn(base)
+    replay(conn, {}, "differences", threading.Event())  # type: ignore[arg-type]
+    assert conn.queue.items == [("attrs", base, "full"), ("mirror_end", "", "differences")]
+
+
 def test_replay_of_a_cancelled_mirror_queues_no_end(tmp_path: Any) -> None:
     base = str(tmp_path / "src")
     _put(f"{base}/f")
