@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -254,4 +255,38 @@ def test_journal_resync_of_a_set_with_two_roots(tmp_path: Any, service: Factory)
     os.rename(f"{src}/d1/f000", f"{src}/d0/from-d1")
     st = _resync(a, b, dst)
     assert st["resync"]["method"] == "journal", st["resync"]
+    _same(src, dst)
+
+
+def test_capture_overflow_drops_the_journal(tmp_path: Any, service: Factory) -> None:
+    """An inotify queue overflow while disconnected: the journal may miss changes, so
+    the resync walks. (The source's capture is created with a 64-event kernel queue;
+    the global knob is restored at once, as in test_inotify_overflow_triggers_remirror.)"""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    _tree(src)
+    knob = "/proc/sys/fs/inotify/max_queued_events"
+    with open(knob) as fh:
+        old = fh.read().strip()
+    try:
+        with open(knob, "w") as fh:
+            fh.write("64")  # applies to inotify instances created from now on
+        a = service("a")
+    finally:
+        with open(knob, "w") as fh:
+            fh.write(old)
+    b = service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec", f"{src}/d5 exc, rec"])
+    cid = _connect(a, b, dst, mirror="full")
+    settle(a, cid)
+    _disconnect(a, cid)
+    assert a.proc is not None
+    os.kill(a.proc.pid, signal.SIGSTOP)  # its capture cannot read: the queue overflows
+    try:
+        for i in range(500):
+            _write(f"{src}/d0/burst{i}", b"x" * i)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    st = _resync(a, b, dst)
+    assert st["resync"]["method"] == "walk"
+    assert "overflow" in st["resync"]["reason"]
     _same(src, dst)
