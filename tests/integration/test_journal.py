@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from dtake.testing import ServiceProcess
-from tests.service_support import assert_same, settle, until
+from tests.service_support import assert_same, settle, small_inotify_queue, until
 
 Factory = Callable[..., ServiceProcess]
 
@@ -264,16 +264,8 @@ def test_capture_overflow_drops_the_journal(tmp_path: Any, service: Factory) -> 
     the global knob is restored at once, as in test_inotify_overflow_triggers_remirror.)"""
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     _tree(src)
-    knob = "/proc/sys/fs/inotify/max_queued_events"
-    with open(knob) as fh:
-        old = fh.read().strip()
-    try:
-        with open(knob, "w") as fh:
-            fh.write("64")  # applies to inotify instances created from now on
+    with small_inotify_queue(64):
         a = service("a")
-    finally:
-        with open(knob, "w") as fh:
-            fh.write(old)
     b = service("b")
     a.call("repset_create", name="rs", rules=[f"{src} inc, rec", f"{src}/d5 exc, rec"])
     cid = _connect(a, b, dst, mirror="full")
