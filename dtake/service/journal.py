@@ -31,6 +31,7 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +105,44 @@ def _parent(path: str) -> str:
     return path.rpartition("/")[0] or "/"
 
 
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_near(paths: Iterable[str], *, table: str = "/proc/self/mountinfo") -> frozenset[str]:
+    """Mounts (id and mount point) at, below or above any of ``paths``. Mounting or
+    unmounting there changes what a path shows without any inotify event, so a journal
+    or token whose set of such mounts changed is not trusted."""
+    tops = [os.path.normpath(p) for p in paths]
+    out: set[str] = set()
+    try:
+        with open(table, encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return frozenset({"?"})  # unknown: compares equal only to another unknown
+    for line in lines:
+        f = line.split(" ", 5)
+        if len(f) < 5:
+            continue
+        mp = _unescape(f[4])
+        for t in tops:
+            if mp == t or mp == "/" or t.startswith(mp + "/") or mp.startswith(t + "/"):
+                out.add(f"{f[0]} {mp}")
+                break
+    return frozenset(out)
+
+
 # ---------------------------------------------------------------------------- source
 class ChangeJournal:
     """Paths of one replication set changed since a clean disconnect from one target.
@@ -130,6 +169,7 @@ class ChangeJournal:
         self.rules = rules
         self.base = rules.base()
         self.roots = frozenset(rules.watch_roots())
+        self.mounts = mounts_near(self.roots)
         self.max_paths = max_paths
         self.marks: dict[str, int] = {}
         self.token = ""  # the target's detach token (set once the disconnect is clean)
@@ -330,6 +370,8 @@ class Journals:
             if j.token != token:
                 return None, "a newer disconnect replaced the journal"
             del self._journals[key]
+            if not j.invalid and mounts_near(j.roots) != j.mounts:
+                j.invalidate("a file system was mounted or unmounted at or near the set's roots")
             if j.invalid:
                 self._dropped[key] = j.invalid
                 return None, j.invalid
@@ -579,6 +621,8 @@ class TargetWatch:
         self.root = root
         self.token = secrets.token_hex(16)
         self.failed = ""
+        self.mounts = mounts_near([root])
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the root
         self._ino: Any = None
         self._armed = threading.Event()
         self._closed = False
@@ -617,6 +661,7 @@ class TargetWatch:
         if not stat.S_ISDIR(st.st_mode):
             self.failed = f"target root {self.root} is not a directory"
             return
+        self._ident = (st.st_dev, st.st_ino)
         stack = [self.root]
         while stack:
             d = stack.pop()
@@ -653,6 +698,15 @@ class TargetWatch:
             return "the target's watches were not in place in time"
         if self.failed:
             return self.failed
+        try:
+            st = os.lstat(self.root)
+            same = (st.st_dev, st.st_ino) == self._ident
+        except OSError:
+            same = False
+        if not same:
+            return f"{self.root} is no longer the directory the token was made for"
+        if mounts_near([self.root]) != self.mounts:
+            return f"a file system was mounted or unmounted at or near {self.root}"
         ino = self._ino
         if ino is None:
             return "the token was withdrawn"

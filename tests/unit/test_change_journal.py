@@ -20,6 +20,7 @@ from dtake.service.journal import (
     SUBTREE,
     ChangeJournal,
     TargetTokens,
+    mounts_near,
     replay,
 )
 from dtake.service.source import Connection
@@ -322,3 +323,30 @@ def test_token_for_a_missing_root_is_refused(tmp_path: Any) -> None:
     tok = tokens.issue(str(tmp_path / "missing"))
     ok, why = tokens.check(str(tmp_path / "missing"), tok)
     assert not ok and "missing" in why
+
+
+def test_mounts_near_takes_mounts_at_below_and_above(tmp_path: Any) -> None:
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        "2 1 0:5 / /srv rw - ext4 /dev/sdb1 rw\n"
+        "3 2 0:6 / /srv/www/cache rw - tmpfs tmpfs rw\n"
+        "4 1 0:7 / /srv2 rw - tmpfs tmpfs rw\n"
+        "5 2 0:8 / /srv/my\\040data rw - tmpfs tmpfs rw\n"
+        "6 1 0:9 / /var rw - tmpfs tmpfs rw\n"
+    )
+    got = mounts_near(["/srv/www"], table=str(table))
+    assert got == {"1 /", "2 /srv", "3 /srv/www/cache"}
+    assert "5 /srv/my data" in mounts_near(["/srv/my data/x"], table=str(table))
+    assert mounts_near(["/srv/www"], table=str(tmp_path / "none")) == {"?"}
+
+
+def test_a_replaced_root_refuses_the_token(tmp_path: Any) -> None:
+    root = _root(tmp_path)
+    tokens = TargetTokens()
+    tok = tokens.issue(root)
+    tokens._by_root[os.path.normpath(root)]._armed.wait(10)
+    os.rename(root, f"{root}.old")
+    os.makedirs(root)
+    ok, why = tokens.check(root, tok)
+    assert not ok and ("no longer the directory" in why or "changed" in why)
