@@ -477,6 +477,9 @@ class Service:
             "uptime_s": round(time.time() - self.started, 1),
             "connections": conns,
             "targets": self.target.status(),
+            # Change journals kept after clean disconnects, detach tokens held as a target.
+            "journals": self.journals.status(),
+            "detach_tokens": len(self.journals.tokens),
         }
 
     def stats(self) -> dict[str, Any]:

@@ -246,6 +246,7 @@ class ResyncState:
     verdict_reason: str = ""
     decided: bool = False  # the first mirror has chosen journal or walk
     replaying: Any = None  # the cancel event of the mirror replaying ``marks``
+    walking: Any = None  # the cancel event of the mirror that decided to walk
     marks: dict[str, int] = field(default_factory=dict)
     shown: dict[str, Any] = field(default_factory=dict)
 
@@ -432,6 +433,8 @@ def journal_resync(conn: Connection, mode: str, cancel: threading.Event) -> bool
     if rs.replaying is cancel:  # the same mirror again after a lost connection
         replay(conn, rs.marks, mode, cancel)
         return True
+    if rs.walking is cancel:
+        return False  # the same walked mirror again: the reason shown stays
     first = not rs.decided
     rs.decided = True
     why = ""
@@ -453,6 +456,7 @@ def journal_resync(conn: Connection, mode: str, cancel: threading.Event) -> bool
     if not why:
         j, why = conn.svc.journals.take(journal_key(conn), rs.token)
     if j is None:
+        rs.walking = cancel
         rs.shown = {"method": "walk", "reason": why}
         if first and mode == "differences":
             conn.svc.events.emit(51013, con_id=conn.rec.id, reason=why)

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from dtake.testing import ServiceProcess
-from tests.service_support import assert_same, settle, small_inotify_queue, until
+from tests.service_support import assert_same, settle, sh, small_inotify_queue, until
 
 Factory = Callable[..., ServiceProcess]
 
@@ -132,9 +133,15 @@ def test_journal_resync_replays_every_kind_of_change(tmp_path: Any, service: Fac
 def test_journal_resync_twice_in_a_row(tmp_path: Any, service: Factory) -> None:
     src, dst, a, b = _setup(tmp_path, service)
     for i in range(2):
+        kept = a.call("status")["journals"]
+        assert [(j["repset"], j["target_path"], j["valid"]) for j in kept] == [("rs", dst, True)]
+        assert b.call("status")["detach_tokens"] == 1
         _write(f"{src}/d{i}/round", f"round {i}\n".encode())
         st = _resync(a, b, dst)
         assert st["resync"]["method"] == "journal", st["resync"]
+        assert a.call("status")["journals"] == [] and b.call("status")["detach_tokens"] == 0
+        text = sh(sys.executable, "-m", "dtake.cli.main", "--socket", a.socket_path, "status")
+        assert "last resync: journal" in text
         _same(src, dst)
         _disconnect(a, st["id"])
 
