@@ -160,8 +160,9 @@ class ChangeJournal:
     attributes only                 the path (ATTRS); the parent's mtime did not move
     ==============================  ==================================================
 
-    Memory: one dict entry per marked path, about 150 bytes plus the path (so roughly
-    20-25 MB at the default bound of 100,000 paths).
+    Memory: one dict entry per marked path, about 90 bytes plus the path's length
+    (measured: 128 bytes per path of 40 characters, 13 MB at the default bound of
+    100,000 paths).
     """
 
     def __init__(self, key: JournalKey, rules: RuleSet, *, max_paths: int) -> None:
