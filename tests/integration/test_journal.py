@@ -289,3 +289,27 @@ def test_capture_overflow_drops_the_journal(tmp_path: Any, service: Factory) -> 
     assert st["resync"]["method"] == "walk"
     assert "overflow" in st["resync"]["reason"]
     _same(src, dst)
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_a_mount_refuses_the_journal(tmp_path: Any, service: Factory, side: str) -> None:
+    """A file system mounted over a directory changes what the path shows without any
+    inotify event: on either side, the resync must walk."""
+    src, dst, a, b = _setup(tmp_path, service)
+    over = f"{src}/d0" if side == "source" else f"{dst}/d0"
+    sh("mount", "-t", "tmpfs", "-o", "size=8m", "dtake-test", over)
+    try:
+        if side == "source":
+            _write(f"{over}/on-the-mount", b"only on the mounted file system\n")
+        st = _resync(a, b, dst)
+        assert st["resync"]["method"] == "walk"
+        assert "mounted" in st["resync"]["reason"]
+        if side == "source":
+            # The walk sends what the mount shows (the files it hides stay on the target
+            # as orphans: orphans are off).
+            with open(f"{dst}/d0/on-the-mount", "rb") as fh:
+                assert fh.read() == b"only on the mounted file system\n"
+        else:
+            _same(src, dst, dir_mtimes=False)  # d0's mtime: the tmpfs root's
+    finally:
+        sh("umount", over)

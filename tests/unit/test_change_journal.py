@@ -350,3 +350,20 @@ def test_a_replaced_root_refuses_the_token(tmp_path: Any) -> None:
     os.makedirs(root)
     ok, why = tokens.check(root, tok)
     assert not ok and ("no longer the directory" in why or "changed" in why)
+
+
+def test_a_change_while_the_watches_are_added_is_caught_by_its_ctime(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The coarse clock scripted to read "before" every entry's ctime: as if the entries
+    # had changed after the close, while the watches were being added (no inotify event
+    # can report that; the ctime does).
+    import dtake.service.journal as journal
+
+    root = _root(tmp_path)
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(journal.time, "clock_gettime_ns", lambda clk: next(ticks))
+    tokens = TargetTokens()
+    tok = tokens.issue(root)
+    ok, why = tokens.check(root, tok)
+    assert not ok and "changed after the close" in why
