@@ -54,13 +54,21 @@ def _status(a: ServiceProcess, cid: int) -> dict[str, Any]:
     return st
 
 
-def _setup(tmp_path: Any, service: Factory, **cfg: Any) -> tuple[str, str, Any, Any]:
+def _mirrored(tmp_path: Any, service: Factory, **cfg: Any) -> tuple[str, str, Any, Any, int]:
+    """Source tree, target path, services a (source) and b (target), the connection:
+    fully mirrored and idle."""
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     _tree(src)
     a, b = service("a", **cfg), service("b")
     a.call("repset_create", name="rs", rules=[f"{src} inc, rec", f"{src}/d5 exc, rec"])
     cid = _connect(a, b, dst, mirror="full")
     settle(a, cid)
+    return src, dst, a, b, cid
+
+
+def _setup(tmp_path: Any, service: Factory, **cfg: Any) -> tuple[str, str, Any, Any]:
+    """``_mirrored``, then disconnected cleanly (a journal is kept)."""
+    src, dst, a, b, cid = _mirrored(tmp_path, service, **cfg)
     _same(src, dst)
     _disconnect(a, cid)
     return src, dst, a, b
@@ -192,12 +200,7 @@ def test_orphans_need_the_walk(tmp_path: Any, service: Factory) -> None:
 
 
 def test_disconnect_with_queued_changes_keeps_no_journal(tmp_path: Any, service: Factory) -> None:
-    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
-    _tree(src)
-    a, b = service("a"), service("b")
-    a.call("repset_create", name="rs", rules=[f"{src} inc, rec", f"{src}/d5 exc, rec"])
-    cid = _connect(a, b, dst, mirror="full")
-    settle(a, cid)
+    src, dst, a, b, cid = _mirrored(tmp_path, service)
     a.call("transmit", con_id=cid, action="pause")
     _write(f"{src}/d0/queued", b"queued, never sent\n")
     until(lambda: _status(a, cid)["queued_items"], "change queued")
@@ -269,15 +272,12 @@ def test_capture_overflow_drops_the_journal(tmp_path: Any, service: Factory) -> 
     """An inotify queue overflow while disconnected: the journal may miss changes, so
     the resync walks. (The source's capture is created with a 64-event kernel queue;
     the global knob is restored at once, as in test_inotify_overflow_triggers_remirror.)"""
-    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
-    _tree(src)
-    with small_inotify_queue(64):
-        a = service("a")
-    b = service("b")
-    a.call("repset_create", name="rs", rules=[f"{src} inc, rec", f"{src}/d5 exc, rec"])
-    cid = _connect(a, b, dst, mirror="full")
-    settle(a, cid)
-    _disconnect(a, cid)
+
+    def small(name: str, **kw: Any) -> ServiceProcess:
+        with small_inotify_queue(64):
+            return service(name, **kw)
+
+    src, dst, a, b = _setup(tmp_path, small)
     assert a.proc is not None
     os.kill(a.proc.pid, signal.SIGSTOP)  # its capture cannot read: the queue overflows
     try:
@@ -313,3 +313,20 @@ def test_a_mount_refuses_the_journal(tmp_path: Any, service: Factory, side: str)
             _same(src, dst, dir_mtimes=False)  # d0's mtime: the tmpfs root's
     finally:
         sh("umount", over)
+
+
+def test_unanswered_close_keeps_no_journal(tmp_path: Any, service: Factory) -> None:
+    """The target never answers the disconnect's close (frozen): no token, no journal."""
+    src, dst, a, b, cid = _mirrored(tmp_path, service)
+    assert b.proc is not None
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    try:
+        a.call("disconnect", con_id=cid)  # the close waits 5 s, then gives up
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    assert a.call("status")["journals"] == []
+    _write(f"{src}/d0/new", b"source change\n")
+    st = _resync(a, b, dst)
+    assert st["resync"]["method"] == "walk"
+    assert "no detach token" in st["resync"]["reason"]
+    _same(src, dst)
