@@ -379,6 +379,13 @@ class Journals:
                 return None, j.invalid
             return j, ""
 
+    def forget(self, key: JournalKey, why: str) -> None:
+        with self.dispatch_lock:
+            j = self._journals.pop(key, None)
+            if j is not None:
+                j.invalidate(why)
+                self._dropped[key] = j.invalid
+
     def why_none(self, conn: Connection) -> str:
         key = journal_key(conn)
         if key in self._dropped:
@@ -459,8 +466,12 @@ def journal_resync(conn: Connection, mode: str, cancel: threading.Event) -> bool
     if j is None:
         rs.walking = cancel
         rs.shown = {"method": "walk", "reason": why}
-        if first and mode == "differences":
-            conn.svc.events.emit(51013, con_id=conn.rec.id, reason=why)
+        if first:
+            # This connection's first mirror walks: a journal kept for its key has no
+            # use any more (its token is spent or the target is being written to).
+            conn.svc.journals.forget(journal_key(conn), why)
+            if mode == "differences":
+                conn.svc.events.emit(51013, con_id=conn.rec.id, reason=why)
         return False
     rs.marks = j.marks
     rs.replaying = cancel
@@ -612,13 +623,27 @@ def is_temp(path: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- target
+def ctime_floor() -> int:
+    """A time no earlier change has reached as a ctime and every later change reaches.
+
+    Earlier changes: their ctime is at most the real time they were made (coarse clock,
+    or a fine-grained stamp with multigrain timestamps, Linux 6.13+), so below ``t0``
+    read now. Later changes: at least the coarse clock at that moment (a multigrain
+    ctime is never below it), so at least its first value past ``t0`` (a tick: 1-10 ms).
+    """
+    t0 = time.time_ns()
+    while (t1 := time.clock_gettime_ns(CLOCK_REALTIME_COARSE)) <= t0:
+        time.sleep(0.001)
+    return t1
+
+
 class TargetWatch:
     """One detach token: inotify on every directory of a target root.
 
     Armed in a background thread after the ``close`` answer: watches are added top
     down, and every entry's ctime is checked against a point in time taken before the
-    first watch (on the kernel's coarse clock, which stamps ctimes), so a change made
-    while the watches were still being added is caught too. Nothing reads the events:
+    first watch (``ctime_floor``), so a change made while the watches were still being
+    added is caught too. Nothing reads the events:
     at ``check`` any queued event (or an overflow) means the tree changed.
     """
 
@@ -648,10 +673,7 @@ class TargetWatch:
 
         from dtake.capture.inotify import WATCH_MASK
 
-        t0 = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
-        while time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= t0:
-            time.sleep(0.001)  # what was written before the close has ctime <= t0 < t1
-        t1 = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+        t1 = ctime_floor()
         ino = inotify_simple.INotify(nonblocking=True)
         with self._lock:
             if self._closed:

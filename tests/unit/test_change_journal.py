@@ -352,17 +352,29 @@ def test_a_replaced_root_refuses_the_token(tmp_path: Any) -> None:
     assert not ok and ("no longer the directory" in why or "changed" in why)
 
 
+def test_ctime_floor_separates_earlier_and_later_changes(tmp_path: Any) -> None:
+    # Linux 6.13+ stamps fine-grained ctimes, ahead of the coarse clock: a file written
+    # just before must be below the floor, one written just after at or above it.
+    from dtake.service.journal import ctime_floor
+
+    for i in range(50):
+        _put(f"{tmp_path}/before{i}")
+        floor = ctime_floor()
+        _put(f"{tmp_path}/after{i}")
+        assert os.lstat(f"{tmp_path}/before{i}").st_ctime_ns < floor
+        assert os.lstat(f"{tmp_path}/after{i}").st_ctime_ns >= floor
+
+
 def test_a_change_while_the_watches_are_added_is_caught_by_its_ctime(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The coarse clock scripted to read "before" every entry's ctime: as if the entries
-    # had changed after the close, while the watches were being added (no inotify event
+    # The point in time scripted "before" every entry's ctime: as if the entries had
+    # changed after the close, while the watches were being added (no inotify event
     # can report that; the ctime does).
     import dtake.service.journal as journal
 
     root = _root(tmp_path)
-    ticks = iter(range(1, 1000))
-    monkeypatch.setattr(journal.time, "clock_gettime_ns", lambda clk: next(ticks))
+    monkeypatch.setattr(journal, "ctime_floor", lambda: 1)
     tokens = TargetTokens()
     tok = tokens.issue(root)
     ok, why = tokens.check(root, tok)
