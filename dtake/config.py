@@ -63,6 +63,7 @@ class ServiceConfig:
     reconnect_interval_s: float = 2.0
     reconnect_retry_limit: int = 0  # failed attempts before giving up (0 = forever)
     auto_remirror_mode: str = "differences"  # mirror run by auto-remirror
+    journal_max_paths: int = 100_000  # change journal bound (0: no journals)
     queue: QueueConfig = field(default_factory=QueueConfig)
     source_file: str | None = None
     # Snapshots, orphans, verification log, log rotation, metrics (dtake.service.datafeatures).
@@ -137,6 +138,7 @@ def load_config(path: str) -> ServiceConfig:
         "reconnect_interval_s",
         "reconnect_retry_limit",
         "auto_remirror_mode",
+        "journal_max_paths",
         "data_safety",
     ):
         if key in raw:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -42,3 +44,21 @@ def sh(*cmd: str) -> str:
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
     return r.stdout
+
+
+@contextlib.contextmanager
+def small_inotify_queue(events: int = 64) -> Iterator[None]:
+    """Inotify instances created inside (a service started here: its capture) get a
+    kernel queue of EVENTS, so a burst overflows it; the global knob is restored on exit."""
+    knob = "/proc/sys/fs/inotify/max_queued_events"
+    if not os.access(knob, os.W_OK):
+        pytest.fail(f"{knob} is not writable: run the tests as root")
+    with open(knob) as fh:
+        old = fh.read().strip()
+    try:
+        with open(knob, "w") as fh:
+            fh.write(str(events))  # applies to inotify instances created from now on
+        yield
+    finally:
+        with open(knob, "w") as fh:
+            fh.write(old)

@@ -188,8 +188,17 @@ def _render_status(st: dict[str, Any]) -> str:
             )
             if c.get("last_error"):
                 lines.append(f"     last error: {c['last_error']}")
+            r = c.get("resync")
+            if r:  # docs/resync-journal.md
+                how = f"{r.get('paths')} paths" if r["method"] == "journal" else r.get("reason")
+                lines.append(f"     last resync: {r['method']} ({how})")
     else:
         lines.append("no connections")
+    for j in st.get("journals", []):
+        lines.append(
+            f"change journal {j['repset']} -> {j['target']}:{j['target_path']}  {j['paths']} paths"
+            + ("" if j["valid"] else f"  not usable: {j['reason'] or 'disconnect in progress'}")
+        )
     for t in st.get("targets", []):
         lines.append(
             f"target for {t['source_node']} ({t['repset']}, ID {t['conn_id']}) -> {t['target_path']}"

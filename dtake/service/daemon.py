@@ -24,6 +24,7 @@ from dtake.protocol.auth import MIN_PROTOCOL_VERSION
 from dtake.protocol.framing import PROTOCOL_VERSION
 from dtake.rules import RuleError, RuleSet, parse_rule
 from dtake.service.events import EventLog
+from dtake.service.journal import Journals
 from dtake.service.source import MIRROR_MODES, Connection, ConnRecord
 from dtake.service.target import TargetServer
 
@@ -96,6 +97,9 @@ class Service:
         self._stop = threading.Event()
         self.started = time.time()
         self.target = TargetServer(self)
+        # Change journals after clean disconnects, detach tokens of target roots
+        # (dtake.service.journal, docs/resync-journal.md).
+        self.journals = Journals(self, max_paths=cfg.journal_max_paths)
         self.capture: Any = None
         self._capture_thread: threading.Thread | None = None
         self._watched: set[str] = set()
@@ -146,6 +150,7 @@ class Service:
             c.stop()
         self.save_connections()
         self.target.close()
+        self.journals.tokens.close()
         if self.capture is not None:
             self.capture.close()
         self.events.emit(4004)
@@ -186,30 +191,53 @@ class Service:
                 if self._stop.is_set():
                     return
                 log.exception("capture read failed")
+                self.journals.invalidate_all("change capture read failed")
                 time.sleep(0.2)
                 continue
             if not events:
                 continue
-            with self._lock:
-                conns = list(self.connections.values())
-            for ev in events:
-                if ev.kind == EventKind.OVERFLOW:
-                    for c in conns:
-                        c.gap("inotify queue overflow")
+            # A batch goes to the connections or to the journals that replaced them at
+            # a disconnect, never to neither (the journal's dispatch lock).
+            start = 0
+            while start < len(events):
+                with self.journals.dispatch_lock:
+                    start, overflowed = self._dispatch(events, start, names)
+                # Outside the lock (a gap restarts the mirror and waits for the old
+                # one), and before the events that followed the overflow.
+                for c in overflowed:
+                    c.gap("inotify queue overflow")
+
+    def _dispatch(
+        self, events: list[Any], start: int, names: dict[Any, str]
+    ) -> tuple[int, list[Connection]]:
+        """Hand ``events[start:]`` to the connections and the journals, up to an
+        overflow: (where to continue, the connections to remirror)."""
+        from dtake.capture.inotify import EventKind
+
+        with self._lock:
+            conns = list(self.connections.values())
+        journals = self.journals.active()
+        for i in range(start, len(events)):
+            ev = events[i]
+            if ev.kind == EventKind.OVERFLOW:
+                self.journals.invalidate_all("inotify queue overflow")
+                return i + 1, conns
+            kind = names[ev.kind]
+            path, dest = ev.path, ev.dest
+            if _is_temp(path):
+                if kind != "moved" or dest is None or _is_temp(dest):
                     continue
-                kind = names[ev.kind]
-                path, dest = ev.path, ev.dest
-                if _is_temp(path):
-                    if kind != "moved" or dest is None or _is_temp(dest):
-                        continue
-                    kind, path, dest = "created", dest, None  # temp renamed into place
-                if kind == "created" and os.path.islink(path):
-                    kind = "symlink"
-                for c in conns:
-                    if kind == "moved":
-                        c.on_change("moved", path, is_dir=ev.is_dir, dest=dest)
-                    elif c.rules.matches(path, is_dir=ev.is_dir or kind == "mkdir"):
-                        c.on_change(kind, path, is_dir=ev.is_dir)
+                kind, path, dest = "created", dest, None  # temp renamed into place
+            if kind == "created" and os.path.islink(path):
+                kind = "symlink"
+            for j in journals:
+                j.mark_event(kind, path, is_dir=ev.is_dir, dest=dest)
+            for c in conns:
+                if kind == "moved":
+                    c.on_change("moved", path, is_dir=ev.is_dir, dest=dest)
+                elif c.rules.matches(path, is_dir=ev.is_dir or kind == "mkdir"):
+                    c.on_change(kind, path, is_dir=ev.is_dir)
+        return len(events), []
 
     def data_state_changed(self, conn: Connection, old: str, new: str) -> None:
         """Hook for target data state transitions (snapshots before good->bad, events)."""
@@ -254,6 +282,8 @@ class Service:
                 raise DtakeError(E.REPSET_EXISTS, f"Replication set exists: {name}")
             if old is not None and self._repset_in_use(name):
                 self.events.emit(99, repset=name)  # [L5208] connected set modified
+            if old is not None:
+                self.journals.invalidate_repset(name, "the replication set's rules changed")
             self.repsets[name] = rs
             self.save_repsets()
             for c in self.connections.values():
@@ -287,6 +317,7 @@ class Service:
                 raise DtakeError(E.REPSET_IN_USE, f"Replication set is in use: {name}")
             del self.repsets[name]
             self.save_repsets()
+            self.journals.invalidate_repset(name, "the replication set was deleted")
         return {"name": name, "deleted": True}
 
     # ------------------------------------------------------------------ connections
@@ -371,13 +402,18 @@ class Service:
         return c
 
     def disconnect(self, con_id: int) -> dict[str, Any]:
-        with self._lock:
+        # The change journal takes over from the connection in one step for the
+        # capture: what it no longer dispatches to the connection, the journal marks.
+        with self.journals.dispatch_lock, self._lock:
             c = self._conn(con_id)
             del self.connections[c.rec.id]
+            journal = self.journals.install(c)
         from dtake.service.datafeatures import before_disconnect
 
-        before_disconnect(self, c)  # the target unblocks its path [L5005]
+        # The target unblocks its path [L5005] and, asked, answers with a detach token.
+        answer = before_disconnect(self, c, detach_token=journal is not None)
         c.stop()
+        self.journals.settle(journal, c, answer)  # kept only if both sides were in sync
         self.save_connections()
         self.events.emit(4017, target=c.label, repset=c.rec.repset, con_id=c.rec.id)
         discarded = len(c.queue)
@@ -446,6 +482,9 @@ class Service:
             "uptime_s": round(time.time() - self.started, 1),
             "connections": conns,
             "targets": self.target.status(),
+            # Change journals kept after clean disconnects, detach tokens held as a target.
+            "journals": self.journals.status(),
+            "detach_tokens": len(self.journals.tokens),
         }
 
     def stats(self) -> dict[str, Any]:

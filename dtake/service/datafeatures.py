@@ -328,13 +328,15 @@ def _peer_request(
         datastate.target_request(svc, st, req)
         return {"data_state": st.data_state}
     if op == "close":
-        # The source disconnects for good: unblock [L5005] and keep the state.
+        # The source disconnects for good: unblock [L5005] and keep the state; a detach
+        # token when asked for and this side is clean (dtake.service.journal).
         if f is not None and f.blocker.is_blocked(st.target_path):
             f.blocker.unblock(st.target_path)
+        from dtake.service.journal import issue_token
         from dtake.service.restoreconn import restore_closed
 
         restore_closed(svc, st, req)  # a restoration connection: release the holds
-        return {"closed": True}
+        return {"closed": True, **issue_token(svc, st, req)}
     if op == "orphans":
         from dtake.service.orphans import target_process
 
@@ -384,18 +386,25 @@ def _peer_request(
     raise DtakeError(E.INVALID_COMMAND, f"unknown request {op!r}")
 
 
-def before_disconnect(svc: Service, conn: Connection) -> None:
-    """``dtake disconnect``: tell the target (it unblocks its path) while we still can."""
+def before_disconnect(
+    svc: Service, conn: Connection, *, detach_token: bool = False
+) -> dict[str, Any]:
+    """``dtake disconnect``: tell the target (it unblocks its path) while we still can.
+    ``detach_token``: ask for one (dtake.service.journal). The target's answer ({} when
+    none came)."""
     extra: dict[str, Any] = {}
     if conn.rec.restore is not None:
         from dtake.service.restoreconn import restore_disconnecting
 
         extra = restore_disconnecting(svc, conn)  # this copy's state first [L4799]
     if conn._fs is None:
-        return
+        return {}
     try:
         # Bounded: a target behind a partition never answers, and a disconnect (an agent's
         # stop, SourceConnection's in particular) must not wait minutes for it.
-        conn._request("close", wait_s=5.0, **extra)
+        ask = {"detach_token": True} if detach_token else {}
+        chunks = conn._request("close", wait_s=5.0, **extra, **ask)
     except Exception as exc:
         log.info("connection %d: close not confirmed: %s", conn.rec.id, exc)
+        return {}
+    return dict(chunks[-1]) if chunks else {}

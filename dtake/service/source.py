@@ -33,6 +33,7 @@ from dtake.rules import RuleSet
 from dtake.service import datastate
 from dtake.service.apply import TEMP_MARK, is_temp_name
 from dtake.service.datastate import DataEvent
+from dtake.service.journal import ResyncState, journal_resync
 from dtake.service.queue import (
     OP_OVERHEAD,
     TAGS_OVERHEAD,
@@ -160,6 +161,8 @@ class Connection:
         self._sigs: dict[str, tuple[int, list[int]]] = {}
         self._sig_blocks = 0
         self._hardlink_warned: set[str] = set()
+        # Change journal resync: token presented at open, verdict, method shown in status.
+        self.resync = ResyncState()
         # Counters read by dtake.service.metrics (with .get(key, 0)); all ints except
         # last_file_touched (the set-relative path of the last op sent).
         self.stats: dict[str, Any] = {
@@ -436,6 +439,8 @@ class Connection:
         return False
 
     def _mirror_walk(self, mode: str, cancel: threading.Event) -> None:
+        if journal_resync(self, mode, cancel):
+            return  # replayed the change journal of a clean disconnect (journal.py)
         target: dict[str, tuple[str, int, int]] = {}
         same: set[str] = set()  # entries the target already has (compared: skipped)
         track_seen = self.rec.orphans != "off"  # only orphan detection needs these
@@ -704,6 +709,7 @@ class Connection:
                     "source_base": self.base,
                     **datastate.open_fields(self),
                     **extra,
+                    **self.svc.journals.open_fields(self),  # detach_token (journal.py)
                 },
             )
             mtype, resp = fs.recv_obj(timeout=30)
@@ -721,6 +727,7 @@ class Connection:
         target_last = int(resp.get("last_seq", 0))
         self.tx.opened(resp)  # where a reloaded queue resumes
         datastate.on_open_response(self, resp)
+        self.svc.journals.on_open_response(self, resp)
         self._codec = get_codec(self.rec.compression, self.rec.compression_level)
         with self._lock:
             gap = False
@@ -1206,6 +1213,7 @@ class Connection:
                 "last_error": self.last_error,
                 "orphans": self.rec.orphans,
                 "compression": self.rec.compression,
+                "resync": self.resync.status(),  # how the last mirror resynced
                 "stats": dict(self.stats),
             }
         )

@@ -289,6 +289,9 @@ class TargetServer:
                 MsgType.RESPONSE, {"id": 0, "error": "expected open", "code": E.INVALID_COMMAND}
             )
             return None
+        from dtake.service.journal import check_open_token
+
+        token = check_open_token(self.svc, req)  # a detach token is consumed here
         state, err = self._open(req)
         if state is None:
             fs.send_obj(MsgType.RESPONSE, {"id": 0, "error": err, "code": E.TARGET_PATH_REFUSED})
@@ -302,6 +305,7 @@ class TargetServer:
                 "qid": state.qid,
                 "last_item": state.last_item,
                 "data_state": state.data_state,
+                **token,  # detach_token_valid/_reason (absent: none presented)
                 "more": False,
             },
         )

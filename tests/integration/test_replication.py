@@ -19,7 +19,7 @@ import pytest
 
 from dtake.errors import DtakeError
 from dtake.testing import ServiceProcess, tree_diff
-from tests.service_support import assert_same, settle
+from tests.service_support import assert_same, settle, small_inotify_queue
 
 Factory = Callable[..., ServiceProcess]
 
@@ -265,19 +265,9 @@ def test_kill9_source_and_target_mid_mirror_and_burst(tmp_path: Any, service: Fa
 def test_inotify_overflow_triggers_remirror(tmp_path: Any, service: Factory) -> None:
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     os.makedirs(src)
-    knob = "/proc/sys/fs/inotify/max_queued_events"
-    if not os.access(knob, os.W_OK):
-        pytest.fail(f"{knob} is not writable: run the tests as root")
-    with open(knob) as fh:
-        old = fh.read().strip()
-    try:
-        with open(knob, "w") as fh:
-            fh.write("64")  # applies to inotify instances created from now on
+    with small_inotify_queue(64):
         a = service("a")
         b = service("b")
-    finally:
-        with open(knob, "w") as fh:
-            fh.write(old)
     a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
     cid = connect(a, b, "rs", dst)
     settle(a, cid)
