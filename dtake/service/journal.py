@@ -642,7 +642,7 @@ class TargetWatch:
 
     Armed in a background thread after the ``close`` answer: watches are added top
     down, and every entry's ctime is checked against a point in time taken before the
-    first watch (``ctime_floor``), so a change made while the watches were still being
+    answer was sent (``ctime_floor``, in ``__init__``), so a change made while the watches were still being
     added is caught too. Nothing reads the events:
     at ``check`` any queued event (or an overflow) means the tree changed.
     """
@@ -657,6 +657,9 @@ class TargetWatch:
         self._armed = threading.Event()
         self._closed = False
         self._lock = threading.Lock()
+        # Taken here, before the ``close`` answer leaves: a change made after the answer
+        # has a ctime at or above it, however late the arming thread runs.
+        self._floor = ctime_floor()
         self._thread = threading.Thread(target=self._arm, name="detach-watch", daemon=True)
         self._thread.start()
 
@@ -673,7 +676,7 @@ class TargetWatch:
 
         from dtake.capture.inotify import WATCH_MASK
 
-        t1 = ctime_floor()
+        t1 = self._floor
         ino = inotify_simple.INotify(nonblocking=True)
         with self._lock:
             if self._closed:

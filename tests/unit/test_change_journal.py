@@ -379,3 +379,30 @@ def test_a_change_while_the_watches_are_added_is_caught_by_its_ctime(
     tok = tokens.issue(root)
     ok, why = tokens.check(root, tok)
     assert not ok and "changed after the close" in why
+
+
+def test_a_change_before_a_late_arming_thread_runs_is_caught(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The arming thread may start long after the close answer (a loaded machine): a
+    # change made in between has no watch to report it, so the floor its ctime is
+    # compared with must be taken when the token is issued, not when the thread runs.
+    import dtake.service.journal as journal
+
+    root = _root(tmp_path)
+    go = threading.Event()
+    arm = journal.TargetWatch._arm
+
+    def late_arm(self: Any) -> None:
+        go.wait(10)
+        arm(self)
+
+    monkeypatch.setattr(journal.TargetWatch, "_arm", late_arm)
+    tokens = TargetTokens()
+    tok = tokens.issue(root)
+    victim = next(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+    with open(victim, "ab") as fh:
+        fh.write(b"changed on the target")
+    go.set()
+    ok, why = tokens.check(root, tok)
+    assert not ok and "changed after the close" in why
