@@ -172,6 +172,34 @@ class Service:
                 self.capture.add_root(root)
                 self._watched.add(root)
 
+    def _rewatch(self) -> None:
+        """Roots the capture dropped (deleted or moved away) are watched again once they
+        exist again; what they hold by then is queued for every connection of a set that
+        covers them (changes made before the watch was back are not lost)."""
+        try:
+            live = self.capture.roots
+        except RuntimeError:  # a root added meanwhile: next round
+            return
+        dropped = {
+            r for r in self._watched if not any(r == w or r.startswith(w + "/") for w in live)
+        }
+        if not dropped:
+            return
+        for root in sorted(dropped):
+            if not os.path.isdir(root):
+                continue
+            try:
+                self.capture.add_root(root)
+            except OSError as exc:
+                log.warning("cannot watch %s again: %s", root, exc)
+                continue
+            log.warning("%s exists again: watched again, its contents queued", root)
+            with self._lock:
+                conns = [c for c in self.connections.values() if root in c.rules.watch_roots()]
+            for c in conns:
+                if c.replication != "Stopped" and not c._enqueue_subtree(root, "realtime"):
+                    c.tx.exhausted(c.queue.exhausted_reason or "queue exhausted")
+
     def _capture_loop(self) -> None:
         from dtake.capture.inotify import EventKind
 
@@ -184,7 +212,12 @@ class Service:
             EventKind.DELETED: "deleted",
             EventKind.MOVED: "moved",
         }
+        rewatch_at = 0.0
         while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= rewatch_at:
+                rewatch_at = now + 0.5
+                self._rewatch()
             try:
                 events = self.capture.read(timeout=0.2)
             except OSError:

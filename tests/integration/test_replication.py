@@ -19,7 +19,7 @@ import pytest
 
 from dtake.errors import DtakeError
 from dtake.testing import ServiceProcess, tree_diff
-from tests.service_support import assert_same, settle, small_inotify_queue
+from tests.service_support import assert_same, settle, small_inotify_queue, until
 
 Factory = Callable[..., ServiceProcess]
 
@@ -469,3 +469,23 @@ def test_mirrors_keep_directory_mtimes(tmp_path: Any, service: Factory) -> None:
     settle(a, cid)
     diff = tree_diff(src, dst, dir_mtimes=True)
     assert diff == [], "after the differences mirror:\n" + "\n".join(diff[:30])
+
+
+def test_a_deleted_and_recreated_root_is_watched_again(tmp_path: Any, service: Factory) -> None:
+    """The set's root directory removed and made again while connected: the capture lost
+    its watch with the directory; what is written into the new one still arrives."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    make_tree(src, 2, 5)
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, "rs", dst, mirror="full")
+    settle(a, cid)
+    subprocess.run(["rm", "-rf", src], check=True)
+    settle(a, cid)
+    make_tree(src, 3, 4, seed=9)  # written before any watch can be back
+    os.symlink("d000/f0000", os.path.join(src, "link"))
+    until(lambda: tree_diff(src, dst) == [], "the new root's contents on the target")
+    with open(os.path.join(src, "d002", "late"), "wb") as fh:  # after it is back
+        fh.write(b"written later\n")
+    settle(a, cid)
+    assert_same(src, dst)
