@@ -249,6 +249,18 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, threads that ended included
+    (``thread_cpu`` sees only the live ones)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            raw = fh.read()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_delta(
     before: dict[str, float], after: dict[str, float], min_s: float = 0.01
 ) -> dict[str, float]:
