@@ -7,7 +7,8 @@ reused. Next to them ``<...>_<uuid12>.meta`` (JSON) says whether the logs can be
 after a restart.
 
 A log is a series of records ``<u32 length><u32 crc32><msgpack payload>``, each written
-with one ``write(2)``: a record is never split across logs (a log ends at ~5 MB or
+with one ``write(2)`` (or several in one: ``append_many``, a mirror walk's slice): a
+record is never split across logs (a log ends at ~5 MB or
 when the next record would not fit; a record bigger than that gets a log of its own)
 [L4954]. The payload is opaque here (``dtake.service.queue`` encodes items).
 
