@@ -59,6 +59,7 @@ BATCH_OPS = 512
 WINDOW_BYTES = 64 * 1024 * 1024  # unacknowledged bytes in flight (at most)
 MIN_CHUNK = 4 * 1024
 WALK_SLICE = 1024  # mirror walk: entries per list (a huge directory comes in slices)
+WALK_PUT = 256  # mirror walk: items queued per put_lazy_many (one lock, one log write)
 BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
 SIG_CACHE_MAX_BLOCKS = 4 * 1024 * 1024
 ACK_TAG = "ak"  # on the last op of a frame: acknowledge right after applying it
@@ -498,6 +499,9 @@ class Connection:
         # moves a directory's mtime on the target after its MKDIR set it, so their
         # attributes are sent again once everything below them is queued (as rsync -a).
         touched: set[str] = set()
+        # Items go to the queue in slices of a directory's entries (one lock round trip
+        # and one log write each), small enough for a small queue's flow control.
+        slice_items = max(1, min(WALK_PUT, self.queue.budget // 16 // 1024))
         for chunk in walk:
             # pause/cancel checks once per directory (the loop below is kept tight)
             while self._mirror_pause.is_set() and not cancel.is_set():
@@ -505,6 +509,7 @@ class Connection:
             if cancel.is_set() or stopped.is_set():
                 return
             wrote = False
+            batch: list[tuple[str, str, str, int]] = []
             for path, st in chunk:
                 r = path[cut:]
                 if track_seen:
@@ -515,34 +520,25 @@ class Connection:
                     continue
                 fmt = st.st_mode & IFMT
                 if fmt == IFDIR:
-                    kind = "d"
+                    batch.append((LazyKind.MKDIR, path, "full", st.st_ino))
                 elif fmt == IFLNK:
-                    kind = "l"
+                    batch.append((LazyKind.SYMLINK, path, "full", st.st_ino))
+                elif st.st_nlink > 1:
+                    self._warn_hardlink(path)
+                    continue
                 else:
-                    kind = "f"
-                    if st.st_nlink > 1:
-                        self._warn_hardlink(path)
-                        continue
-                if cancel.is_set() or stopped.is_set():
-                    return
-                if kind == "f":
                     total += st.st_size
-                    self.mirror_total = total
-                # Flow control: the walk never fills the queue (it would exhaust it and
-                # loop through auto-disconnect); it waits for the sender instead.
-                self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
-                ok = self.queue.put_lazy(
-                    LazyKind.CONTENT
-                    if kind == "f"
-                    else LazyKind.MKDIR
-                    if kind == "d"
-                    else LazyKind.SYMLINK,
-                    path,
-                    mode=mode if kind == "f" else "full",
-                    ino=st.st_ino,
-                )
-                if not ok:
-                    raise _Gap()
+                    batch.append((LazyKind.CONTENT, path, mode, st.st_ino))
+                if len(batch) >= slice_items:
+                    self.mirror_total = total  # before the sender can count the bytes
+                    if not self._put_walked(batch, cancel):
+                        return
+                    wrote = True
+                    batch = []
+            if batch:
+                self.mirror_total = total
+                if not self._put_walked(batch, cancel):
+                    return
                 wrote = True
             if wrote:  # a chunk is one directory's entries: one parent per chunk
                 touched.add(os.path.dirname(chunk[0][0]))
@@ -561,6 +557,18 @@ class Connection:
         if not cancel.is_set():
             self.mirror_queued_done = True
             self.queue.put_marker(LazyKind.MIRROR_END, mode=mode)
+
+    def _put_walked(self, batch: list[tuple[str, str, str, int]], cancel: threading.Event) -> bool:
+        """Queue a slice of the mirror walk; False when the mirror was cancelled. Flow
+        control: the walk never fills the queue (it would exhaust it and loop through
+        auto-disconnect); it waits for the sender instead."""
+        stopped = self._stop
+        self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
+        if cancel.is_set() or stopped.is_set():
+            return False
+        if not self.queue.put_lazy_many(batch):
+            raise _Gap()
+        return True
 
     def _warn_hardlink(self, path: str) -> None:
         if path not in self._hardlink_warned:

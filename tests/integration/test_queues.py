@@ -293,3 +293,26 @@ def test_write_burst_keeps_accounted_memory_within_the_limit(
     assert_same(src, dst)
     q = conn_status(a, cid)["queue"]
     assert max(peak, q["accounted_peak_bytes"]) <= q["memory_max_bytes"]
+
+
+def test_kill9_source_mid_mirror_walk_replays_the_walked_items(
+    tmp_path: Any, service: Factory
+) -> None:
+    """The mirror walk queues a directory's entries with one log write per slice
+    (put_lazy_many): what it queued before a kill -9 is in the logs and is replayed."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    burst(src, 3000, seed=5)
+    a = service("a", start=False, **small_queue(memory_max_mb=1))
+    a.extra["queue"]["disk_folder"] = os.path.join(a.root, "state", "queue")
+    a.start()
+    b = service("b")
+    b.stop()  # the walk queues for a target that is down, up to half the memory
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, dst, mirror="full")
+    wait_for(lambda: conn_status(a, cid)["queue"]["memory_items"] > 200, what="walk queued")
+    a.kill9()
+    b.start()
+    a.start()
+    settle(a, cid)
+    assert conn_status(a, cid)["queue"]["reloaded_items"] > 200  # trusted and replayed
+    assert_same(src, dst)

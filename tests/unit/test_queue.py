@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -435,3 +436,91 @@ def test_inflight_window_counts_against_the_memory_limit() -> None:
     q3 = SourceQueue(1000)
     q3.reserve(10_000)  # a reserve beyond a tiny limit still leaves items a quarter
     assert q3.budget == 250
+
+
+def _walked(tmp_path: Any, n: int) -> list[tuple[str, str, str, int]]:
+    """``n`` real files, as a mirror walk hands them to ``put_lazy_many``."""
+    d = tmp_path / "src"
+    d.mkdir(exist_ok=True)
+    out = []
+    for i in range(n):
+        p = d / f"w{i:05}"
+        p.write_bytes(b"x")
+        out.append((LazyKind.CONTENT, str(p), "full", os.lstat(p).st_ino))
+    return out
+
+
+@pytest.mark.parametrize("memory", [3000, 10**6])
+def test_put_lazy_many_writes_what_put_lazy_writes(tmp_path: Any, memory: int) -> None:
+    """Same items, orders, memory/disk split and log records as one put_lazy per entry
+    (3000 bytes: the batch crosses the memory/disk boundary; logs of 4 KiB roll)."""
+    entries = _walked(tmp_path, 300)
+    logs = []
+    for how in ("one", "many"):
+        folder = tmp_path / how
+        q = SourceQueue(memory, journal=journal(str(folder), log_size=4096))
+        ops(q, 3)
+        if how == "one":
+            for kind, path, mode, ino in entries:
+                assert q.put_lazy(kind, path, mode=mode, ino=ino)
+        else:
+            assert q.put_lazy_many(entries[:150]) and q.put_lazy_many(entries[150:])
+        ops(q, 3, start=3)
+        f = q.figures()
+        logs.append(
+            (
+                [Path(p).read_bytes() for _, p in q.journal.existing()] if q.journal else [],
+                f["memory_items"],
+                f["memory_bytes"],
+                f["disk_items"],
+                f["disk_bytes"],
+                [(it.order, it.lazy, names([it])[0], it.mode, it.ino) for it in drain(q)],
+            )
+        )
+    assert logs[0] == logs[1]
+    assert len(logs[1][0]) > 3  # the logs rolled
+    want = ["f00000", "f00001", "f00002"] + [p for _, p, _, _ in entries]
+    assert [row[2] for row in logs[1][5]] == [*want, "f00003", "f00004", "f00005"]
+
+
+def test_put_lazy_many_dedups_against_memory_and_within_the_batch(tmp_path: Any) -> None:
+    entries = _walked(tmp_path, 4)
+    q = SourceQueue(10**6, journal=journal(str(tmp_path / "q")))
+    assert q.put_lazy(LazyKind.CONTENT, entries[1][1])  # realtime item already queued
+    assert q.put_lazy_many([*entries, entries[2]])
+    items = drain(q)
+    assert [it.path for it in items] == [e[1] for e in [entries[1], entries[0], *entries[2:]]]
+    assert items[0].mode == "full"  # merged: the stronger mirror mode wins
+
+
+def test_put_lazy_many_is_in_the_logs_when_it_returns_kill9(tmp_path: Any) -> None:
+    """The durability point of put_lazy: a kill -9 right after the call (no close, the
+    page cache survives) replays every item, in order, after the restart."""
+    entries = _walked(tmp_path, 200)
+    q = SourceQueue(10**6, journal=journal(str(tmp_path / "q"), log_size=4096))
+    assert q.put_lazy_many(entries)
+    del q  # no close(): clean=false on the same boot
+    q2 = SourceQueue(10**6, journal=journal(str(tmp_path / "q"), log_size=4096))
+    assert q2.journal is not None and q2.journal.trusted
+    assert [it.path for it in drain(q2)] == [e[1] for e in entries]
+
+
+def test_put_lazy_many_stops_at_the_disk_limit_like_put_lazy(tmp_path: Any) -> None:
+    entries = _walked(tmp_path, 300)
+    got = []
+    for how in ("one", "many"):
+        q = SourceQueue(2000, journal=journal(str(tmp_path / how), max_bytes=8000))
+        if how == "one":
+            ok = all(q.put_lazy(k, p, mode=m, ino=i) for k, p, m, i in entries)
+        else:
+            ok = q.put_lazy_many(entries)
+        assert not ok and q.overflowed and "DiskQueueMaxSize" in q.exhausted_reason
+        got.append((len(q), q.figures()["disk_bytes"]))
+    assert got[0] == got[1]
+
+
+def test_put_lazy_many_without_a_journal_refuses_when_memory_is_full(tmp_path: Any) -> None:
+    entries = _walked(tmp_path, 100)
+    q = SourceQueue(5000)
+    assert not q.put_lazy_many(entries) and q.overflowed
+    assert 0 < len(q) < 100
