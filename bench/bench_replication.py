@@ -607,65 +607,56 @@ class Bench:
         self.check("small rsync", expected, dst_r)
         self.check("small dtake", expected, dst_d)
         if "diff" in self.scen:
-            changed = mutate(self.src_small, self.small_files, self.s.changed_fraction, r)
-            expected = tree_digest(self.src_small)
-
-            def dtake_diff() -> None:
-                sync_fs()
-                pids = dict(zip(("source", "target"), pair.pids(), strict=True))
-                with self.prof.record(pids, f"diff-run{r}"):
-                    cid, first, confirmed = pair.timed_mirror(
-                        lambda: pair.connect("small", dst_d, "differences")
-                    )
-                self.res.diff_dtake.append(first)
-                self.res.diff_dtake_confirmed.append(confirmed)
-                self.res.conn_stats.append(
-                    {"diff": pair.conn_status(cid)["stats"], "run": r, "cpu": pair.last_cpu}
-                )
-                log(f"run {r}: diff dtake CPU {_cpu_line(pair.last_cpu)}")
-                pair.a.call("disconnect", con_id=cid)
-                log(f"run {r}: diff dtake {first:.3f}s ({len(changed)} files changed)")
-
-            def rsync_diff() -> None:
-                t = self._rsync(self.src_small, name_r)
-                self.res.diff_rsync.append(t)
-                log(f"run {r}: diff rsync {t:.3f}s")
-
-            for f in (rsync_diff, dtake_diff) if rsync_first else (dtake_diff, rsync_diff):
-                f()
-            self.check("diff rsync", expected, dst_r)
-            self.check("diff dtake", expected, dst_d)
+            self._resync(pair, r, rsync_first, dst_r, dst_d, walked=False)
             # The same resync without the change journal (docs/resync-journal.md): the
             # source service restarted after the disconnect, so both trees are walked.
-            changed = mutate(self.src_small, self.small_files, self.s.changed_fraction, r + 50)
-            expected = tree_digest(self.src_small)
             pair.a.stop()
             pair.a.start()
-
-            def dtake_walk() -> None:
-                sync_fs()
-                cid, first, _ = pair.timed_mirror(
-                    lambda: pair.connect("small", dst_d, "differences")
-                )
-                resync = pair.conn_status(cid).get("resync") or {}
-                if resync.get("method") != "walk":
-                    raise RuntimeError(f"expected a walked resync, got {resync}")
-                self.res.walk_dtake.append(first)
-                log(f"run {r}: walked diff dtake CPU {_cpu_line(pair.last_cpu)}")
-                pair.a.call("disconnect", con_id=cid)
-                log(f"run {r}: walked diff dtake {first:.3f}s ({len(changed)} files changed)")
-
-            def rsync_walk() -> None:
-                t = self._rsync(self.src_small, name_r)
-                self.res.walk_rsync.append(t)
-                log(f"run {r}: walked diff rsync {t:.3f}s")
-
-            for f in (rsync_walk, dtake_walk) if rsync_first else (dtake_walk, rsync_walk):
-                f()
-            self.check("walked diff rsync", expected, dst_r)
-            self.check("walked diff dtake", expected, dst_d)
+            self._resync(pair, r, rsync_first, dst_r, dst_d, walked=True)
         self.grave.bury(dst_r)
         self.grave.bury(dst_d)
+
+    def _resync(
+        self, pair: DtakePair, r: int, rsync_first: bool, dst_r: str, dst_d: str, *, walked: bool
+    ) -> None:
+        """1 % of the small files changed, then a differences resync by each tool: dtake's
+        from its change journal, or (``walked``) by walking both trees."""
+        name, d_list, r_list = (
+            ("walked diff", self.res.walk_dtake, self.res.walk_rsync)
+            if walked
+            else ("diff", self.res.diff_dtake, self.res.diff_rsync)
+        )
+        changed = mutate(self.src_small, self.small_files, self.s.changed_fraction, r + 50 * walked)
+        expected = tree_digest(self.src_small)
+
+        def dtake() -> None:
+            sync_fs()
+            pids = dict(zip(("source", "target"), pair.pids(), strict=True))
+            with self.prof.record(pids, f"{name.replace(' ', '-')}-run{r}"):
+                cid, first, confirmed = pair.timed_mirror(
+                    lambda: pair.connect("small", dst_d, "differences")
+                )
+            st = pair.conn_status(cid)
+            method = (st.get("resync") or {}).get("method")
+            if method != ("walk" if walked else "journal"):
+                raise RuntimeError(f"{name}: the resync's method was {st.get('resync')}")
+            d_list.append(first)
+            if not walked:
+                self.res.diff_dtake_confirmed.append(confirmed)
+            self.res.conn_stats.append({name: st["stats"], "run": r, "cpu": pair.last_cpu})
+            log(f"run {r}: {name} dtake CPU {_cpu_line(pair.last_cpu)}")
+            pair.a.call("disconnect", con_id=cid)
+            log(f"run {r}: {name} dtake {first:.3f}s ({len(changed)} files changed)")
+
+        def rsync() -> None:
+            t = self._rsync(self.src_small, os.path.basename(dst_r))
+            r_list.append(t)
+            log(f"run {r}: {name} rsync {t:.3f}s")
+
+        for f in (rsync, dtake) if rsync_first else (dtake, rsync):
+            f()
+        self.check(f"{name} rsync", expected, dst_r)
+        self.check(f"{name} dtake", expected, dst_d)
 
     def _latency(self, pair: DtakePair, r: int, rsync_first: bool) -> None:
         src_d = os.path.join(self.src_lat, f"dtake-{r}")
@@ -710,7 +701,10 @@ class Bench:
 
 def _cpu_line(c: dict[str, Any]) -> str:
     src, dst = c["source_threads_s"], c["target_threads_s"]
-    top = lambda d: ", ".join(f"{v:.2f}" for v in list(d.values())[:3])  # noqa: E731
+
+    def top(d: dict[str, float]) -> str:
+        return ", ".join(f"{v:.2f}" for v in list(d.values())[:3])
+
     return (
         f"source {c['source_s']:.2f} s (live threads {top(src)}), "
         f"target {c['target_s']:.2f} s (live threads {top(dst)}) in {c['wall_s']:.2f} s wall"
