@@ -72,16 +72,7 @@ def one_run(base: str, key: str, method: str, tree: str) -> dict[str, Any]:
     b = ServiceProcess(os.path.join(base, "svc-b"), "b", key).start()
     try:
         a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
-        cid = int(
-            a.call(
-                "connect",
-                repset="rs",
-                host="127.0.0.1",
-                port=b.port,
-                target_path=dst,
-                mirror="full",
-            )["id"]
-        )
+        cid = a.connect_to(b, "rs", dst, mirror="full")
         a.call("wait", con_id=cid, timeout_s=600)
         a.kill9()
         b.call("data_state_set", target=dst, state="Restore Required", reason="failover")

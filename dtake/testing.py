@@ -128,6 +128,18 @@ class ServiceProcess:
         with self.client() as c:
             return c.call(cmd, timeout=600, **args)
 
+    def connect_to(self, target: ServiceProcess, repset: str, target_path: str, **kw: Any) -> int:
+        """Connect ``repset`` to ``target`` on loopback; the new connection's ID."""
+        r = self.call(
+            "connect",
+            repset=repset,
+            host="127.0.0.1",
+            port=target.port,
+            target_path=target_path,
+            **kw,
+        )
+        return int(r["id"])
+
 
 def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
     for dirpath, dirnames, filenames in os.walk(root):

@@ -43,15 +43,6 @@ def test_disconnect_from_a_frozen_target_returns(tmp_path: Any, service: Factory
     with open(os.path.join(src, "later"), "w") as fh:
         fh.write("written while disconnected\n")
     time.sleep(0.2)
-    cid = int(
-        a.call(
-            "connect",
-            repset="rs",
-            host="127.0.0.1",
-            port=b.port,
-            target_path=dst,
-            mirror="differences",
-        )["id"]
-    )
+    cid = a.connect_to(b, "rs", dst, mirror="differences")
     a.call("wait", con_id=cid, timeout_s=120)
     assert_same(src, dst)

@@ -35,10 +35,20 @@ def make_tree(root: str, dirs: int, files_per_dir: int, size: int = 1024, seed: 
 
 
 def connect(src: ServiceProcess, dst: ServiceProcess, repset: str, target: str, **kw: Any) -> int:
-    r = src.call(
-        "connect", repset=repset, host="127.0.0.1", port=dst.port, target_path=target, **kw
-    )
-    return int(r["id"])
+    return src.connect_to(dst, repset, target, **kw)
+
+
+def mirrored_pair(
+    tmp_path: Any, service: Factory, dirs: int = 2, files: int = 5
+) -> tuple[str, str, ServiceProcess, ServiceProcess, int]:
+    """A small tree mirrored in full from service a to service b: (src, dst, a, b, id)."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    make_tree(src, dirs, files)
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, "rs", dst, mirror="full")
+    settle(a, cid)
+    return src, dst, a, b, cid
 
 
 def test_mirror_10k_files_and_verify(tmp_path: Any, service: Factory) -> None:
@@ -419,12 +429,7 @@ def test_target_sweeps_temp_files_after_a_crash_only(tmp_path: Any, service: Fac
     """Interrupted transfers leave temp files only when the target dies (kill -9): the
     restarted target sweeps that root at its next open; after a clean stop nothing is
     swept (no walk of the whole target tree on every connect)."""
-    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
-    make_tree(src, 2, 5)
-    a, b = service("a"), service("b")
-    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
-    cid = connect(a, b, "rs", dst, mirror="full")
-    settle(a, cid)
+    src, dst, a, b, cid = mirrored_pair(tmp_path, service)
     temps = {}
     for how, d in (("stop", "d000"), ("kill9", "d001")):
         b.stop() if how == "stop" else b.kill9()
@@ -474,12 +479,7 @@ def test_mirrors_keep_directory_mtimes(tmp_path: Any, service: Factory) -> None:
 def test_a_deleted_and_recreated_root_is_watched_again(tmp_path: Any, service: Factory) -> None:
     """The set's root directory removed and made again while connected: the capture lost
     its watch with the directory; what is written into the new one still arrives."""
-    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
-    make_tree(src, 2, 5)
-    a, b = service("a"), service("b")
-    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
-    cid = connect(a, b, "rs", dst, mirror="full")
-    settle(a, cid)
+    src, dst, a, _b, cid = mirrored_pair(tmp_path, service)
     subprocess.run(["rm", "-rf", src], check=True)
     settle(a, cid)
     make_tree(src, 3, 4, seed=9)  # written before any watch can be back
