@@ -233,14 +233,14 @@ class RestoreConnections:
                 f"no backup copy of replication set {repset} on {svc.node_id} "
                 "(the source never sent its rules)",
             )
-        if use_backup:
-            rules = list(copy["rules"])
-        else:  # the source's own definition [L4714]
-            rules = list(_query(svc, host, port, {"op": "repset_get", "name": repset})["rules"])
-        if restore_repset:
+        if restore_repset:  # first: the source may have lost its set [L4715]
             _query(
                 svc, host, port, {"op": "repset_restore", "name": repset, "rules": copy["rules"]}
             )
+        if use_backup or restore_repset:  # the source's set now equals the copy
+            rules = list(copy["rules"])
+        else:  # the source's own definition [L4714]
+            rules = list(_query(svc, host, port, {"op": "repset_get", "name": repset})["rules"])
         try:
             base = RuleSet.from_list(rules).base()
         except RuleError as exc:

@@ -177,7 +177,7 @@ def test_backup_repset_used_and_restored_to_the_source(tmp_path: Any, service: F
     # without the backup the set comes from the source, which has none
     with pytest.raises(DtakeError, match="does not exist: rs"):
         b.call("restore_connect", source=f"127.0.0.1:{a.port}", repset="rs")
-    rid = restore_connect(b, a, use_backup=True, restore_repset=True)
+    rid = restore_connect(b, a, restore_repset=True)  # alone: the source has no set
     settle(b, rid)
     assert a.call("repset_show", name="rs")["rules"] == rules  # [L4715]
     with open(os.path.join(src, "keep.txt")) as fh:
