@@ -180,9 +180,9 @@ class Service:
             live = self.capture.roots
         except RuntimeError:  # a root added meanwhile: next round
             return
-        dropped = {
-            r for r in self._watched if not any(r == w or r.startswith(w + "/") for w in live)
-        }
+        with self._lock:  # _watch adds to it from connection start-up
+            watched = list(self._watched)
+        dropped = {r for r in watched if not any(r == w or r.startswith(w + "/") for w in live)}
         if not dropped:
             return
         for root in sorted(dropped):

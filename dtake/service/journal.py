@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dtake.service.events import EVENTS
+from dtake.service.snapshot import _unescape
 
 if TYPE_CHECKING:
     from dtake.rules import RuleSet
@@ -105,21 +106,6 @@ def _parent(path: str) -> str:
     return path.rpartition("/")[0] or "/"
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_near(paths: Iterable[str], *, table: str = "/proc/self/mountinfo") -> frozenset[str]:
     """Mounts (id and mount point) at, below or above any of ``paths``. Mounting or
     unmounting there changes what a path shows without any inotify event, so a journal
@@ -172,6 +158,7 @@ class ChangeJournal:
         self.roots = frozenset(rules.watch_roots())
         self.mounts = mounts_near(self.roots)
         self.max_paths = max_paths
+        self._prefix = self.base.rstrip("/") + "/"
         self.marks: dict[str, int] = {}
         self.token = ""  # the target's detach token (set once the disconnect is clean)
         self.invalid = ""  # why this journal cannot be used ("" = usable)
@@ -187,8 +174,7 @@ class ChangeJournal:
         self.marks = {}
 
     def _under_base(self, path: str) -> bool:
-        b = self.base
-        return path == b or path.startswith(b.rstrip("/") + "/")
+        return path == self.base or path.startswith(self._prefix)
 
     def mark(self, path: str, flags: int) -> None:
         if self.invalid or not self._under_base(path):
