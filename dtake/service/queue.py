@@ -552,29 +552,49 @@ class SourceQueue:
 
     # -- consumer --------------------------------------------------------------
     def get(self, timeout: float | None) -> Item | None:
+        items = self.get_many(1, timeout)
+        return items[0] if items else None
+
+    def get_many(self, n: int, timeout: float | None) -> list[Item]:
+        """Up to ``n`` items, oldest first, with one lock round trip: waits (up to
+        ``timeout``; None: for ever) for the first, takes what else is ready."""
+        out: list[Item] = []
         with self.cond:
             while True:
-                if self.spilled and self._bytes < self.budget // 2 + 1:
-                    self._refill()
-                while self._items and self._items[0].cancelled:
-                    dead = self._items.popleft()
-                    self._cancelled -= 1
-                    self._bytes -= dead.cost()
-                if self._items:
-                    item = self._items.popleft()
-                    self._bytes -= item.cost()
-                    if item.lazy is not None and self._pending.get((item.lazy, item.path)) is item:
-                        del self._pending[(item.lazy, item.path)]
-                    if not self._valid(item):
+                item = self._take()
+                if item is not None:
+                    out.append(item)
+                    if len(out) < n:
                         continue
-                    return item
-                if self.spilled and self._refill():
-                    continue
+                    return out
+                if out:
+                    return out
                 if timeout is not None and timeout <= 0:
-                    return None
+                    return out
                 if not self.cond.wait(timeout):
-                    return None
+                    return out
                 timeout = 0 if timeout is not None else None
+
+    def _take(self) -> Item | None:
+        """The next valid item, or None when nothing is ready (lock held)."""
+        while True:
+            if self.spilled and self._bytes < self.budget // 2 + 1:
+                self._refill()
+            while self._items and self._items[0].cancelled:
+                dead = self._items.popleft()
+                self._cancelled -= 1
+                self._bytes -= dead.cost()
+            if self._items:
+                item = self._items.popleft()
+                self._bytes -= item.cost()
+                if item.lazy is not None and self._pending.get((item.lazy, item.path)) is item:
+                    del self._pending[(item.lazy, item.path)]
+                if not self._valid(item):
+                    continue
+                return item
+            if self.spilled and self._refill():
+                continue
+            return None
 
     def wait_room(self, stop: Callable[[], bool]) -> None:
         """Mirror flow control: wait while the queue is more than half full (memory)
@@ -587,21 +607,26 @@ class SourceQueue:
             time.sleep(0.05)
 
     def unget(self, item: Item) -> None:
-        """Put back an item the sender could not finish (the socket was lost): it is
-        taken again first, after the reconnect."""
+        self.unget_many([item])
+
+    def unget_many(self, items: list[Item]) -> None:
+        """Put back items the sender could not finish (the socket was lost), in their
+        order: they are taken again first, after the reconnect."""
         with self.cond:
-            self._items.appendleft(item)
-            self._bytes += item.cost()
-            if item.lazy is not None and item.lazy != LazyKind.MIRROR_END:
-                self._pending.setdefault((item.lazy, item.path), item)
+            for item in reversed(items):
+                self._items.appendleft(item)
+                self._bytes += item.cost()
+                if item.lazy is not None and item.lazy != LazyKind.MIRROR_END:
+                    self._pending.setdefault((item.lazy, item.path), item)
             self.cond.notify_all()
 
     # -- acknowledgements (journal trimming) -----------------------------------
-    def note_sent(self, order: int, first_seq: int) -> None:
-        """The first op of item ``order`` got sequence number ``first_seq``."""
-        if self.journal is not None:
+    def note_sent(self, notes: list[tuple[int, int]]) -> None:
+        """``(first_seq, order)``: the first op of item ``order`` got sequence number
+        ``first_seq`` (in sending order; noted before those ops are on the wire)."""
+        if self.journal is not None and notes:
             with self.cond:
-                self._sent.append((first_seq, order))
+                self._sent.extend(notes)
 
     def acked(self, seq: int) -> None:
         """The target applied every op up to ``seq``. An item is known complete once

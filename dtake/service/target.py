@@ -67,18 +67,26 @@ def _whole_run(ops: list[Op], k: int, last_seq: int) -> list[Op]:
     run: list[Op] = []
     paths: set[str] = set()
     parents: set[str] = set()
+    last_dir: str | None = None
     for op in ops[k:]:
         if op.kind != OpKind.FILE_END or not op.tags.get("whole") or op.seq <= last_seq:
             break
         path = op.path
         if path in paths or path in parents:
             break
-        up = path.split("/")[:-1]
-        chain = ["/".join(up[: i + 1]) for i in range(len(up))]
-        if any(c in paths for c in chain):
-            break
+        d = path.rpartition("/")[0]
+        if d != last_dir:
+            # A new directory: none of its ancestors may be a file of the run. (Ops in
+            # one directory since the last check are siblings, never ancestors.)
+            chain = []
+            while d:
+                if d in paths:
+                    return run
+                chain.append(d)
+                d = d.rpartition("/")[0]
+            parents.update(chain)
+            last_dir = path.rpartition("/")[0]
         paths.add(path)
-        parents.update(chain)
         run.append(op)
     return run
 
@@ -311,7 +319,7 @@ class TargetServer:
         )
         tree = state.tree
         assert tree is not None
-        from dtake.protocol.opwire import op_from_wire
+        from dtake.protocol.opwire import ops_from_wire
         from dtake.service.targetqueue import ack_fields, frame_source
 
         frames = frame_source(self.svc, state, fs)  # the target queue
@@ -326,7 +334,7 @@ class TargetServer:
             mtype, obj = frames.recv_obj(timeout=None)
             if mtype == MsgType.OPS:
                 with state.lock:
-                    ops = [op_from_wire(item) for item in obj]
+                    ops = ops_from_wire(obj)
                     k = 0
                     while k < len(ops):
                         op = ops[k]

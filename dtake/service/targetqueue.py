@@ -64,10 +64,12 @@ def _frame_cost(mtype: Any, obj: Any) -> tuple[int, int]:
     from dtake.protocol.framing import MsgType
 
     if mtype == MsgType.OPS and isinstance(obj, list):
-        size = 0
+        size = 64 * len(obj)
         for item in obj:
-            data = item[5] if isinstance(item, list) and len(item) > 5 else b""
-            size += 64 + (len(data) if isinstance(data, bytes | bytearray | memoryview) else 0)
+            if type(item) is list and len(item) > 5:
+                data = item[5]
+                if isinstance(data, bytes | bytearray | memoryview):
+                    size += len(data)
         return len(obj), size
     return 0, 256
 

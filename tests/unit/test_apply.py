@@ -695,6 +695,12 @@ def test_whole_runs_are_independent_paths() -> None:
     assert len(_whole_run(nested, 0, 0)) == 1
     mixed = [w("e/1", 1), Op(K.RENAME, "e", seq=2, new_path="f"), w("e/2", 3)]
     assert len(_whole_run(mixed, 0, 0)) == 1
+    # a file that is an ancestor of a later op's directory, several levels up, after
+    # ops in other directories
+    deep = [w("p/1", 1), w("q", 2), w("p/2", 3), w("q/r/s/t", 4)]
+    assert [o.seq for o in _whole_run(deep, 0, 0)] == [1, 2, 3]
+    up = [w("u/v/w/1", 1), w("u/v", 2)]  # a file where an earlier op has a parent
+    assert [o.seq for o in _whole_run(up, 0, 0)] == [1]
 
 
 def test_file_begin_size_preallocates_and_file_end_trims(root: Path, tree: TargetTree) -> None:

@@ -688,6 +688,42 @@ def test_ops_data_frame_compressed(authed_pair: tuple[FrameSocket, FrameSocket])
     assert mtype is MsgType.OPS and bytes(op_from_wire(obj[0]).data) == b"z" * 100_000
 
 
+def test_ops_from_wire_equals_op_from_wire_op_by_op() -> None:
+    """The applier's batch decoder takes exact wire types as they are and hands every
+    other op to op_from_wire (which converts or refuses it), so both agree."""
+    from dtake.protocol.opwire import op_from_wire, ops_from_wire
+
+    exact = [
+        Op(OpKind.FILE_END, "d/f", seq=4, size=3, mode=0o640, uid=0, gid=0, mtime_ns=5,
+           tags={"whole": 1}),
+        Op(OpKind.RENAME, "a", seq=5, new_path="b"),
+        Op(OpKind.SYMLINK, "l", seq=6, link="../x"),
+        Op(OpKind.BARRIER, "", seq=7),
+    ]  # fmt: skip
+    items = [op.to_wire() for op in exact]
+    items[0][5] = memoryview(b"abc")
+    odd = Op(OpKind.WRITE, "w", seq=8, offset=2, data=b"zz").to_wire()
+    odd[2] = True  # a bool sequence number: converted by op_from_wire
+    odd[13 - 1] = None
+    items.append(odd)
+    got = ops_from_wire(items)
+    want = [op_from_wire(list(item)) for item in items]
+    assert [(o.kind, o.path, o.seq, o.new_path, o.offset, bytes(o.data), o.size, o.mode,
+             o.uid, o.gid, o.mtime_ns, o.link, o.tags) for o in got] == [
+        (o.kind, o.path, o.seq, o.new_path, o.offset, bytes(o.data), o.size, o.mode,
+         o.uid, o.gid, o.mtime_ns, o.link, o.tags) for o in want
+    ]  # fmt: skip
+    assert isinstance(got[0].data, memoryview)  # no copy of the frame's data
+    assert got[0].kind is OpKind.FILE_END and got[4].seq == 1
+    for bad in (
+        [99, "p", 1, None, 0, b"", None, None, None, None, None, None, None],  # no such kind
+        [4, "p", 1, None, 0, "text", None, None, None, None, None, None, None],  # str data
+        [4, "p", 1],  # short
+    ):
+        with pytest.raises(ValueError):
+            ops_from_wire([items[1], bad])
+
+
 @pytest.mark.parametrize(
     "payload",
     [

@@ -185,7 +185,7 @@ def test_acks_trim_logs(tmp_path: Any) -> None:
     seq = 0
     for it in drain(q):
         seq += 1
-        q.note_sent(it.order, seq)
+        q.note_sent([(seq, it.order)])
     q.acked(seq)
     assert len(j.existing()) < before
     assert len(j.existing()) <= 2  # only the log(s) with the last, unconfirmed item
@@ -524,3 +524,31 @@ def test_put_lazy_many_without_a_journal_refuses_when_memory_is_full(tmp_path: A
     q = SourceQueue(5000)
     assert not q.put_lazy_many(entries) and q.overflowed
     assert 0 < len(q) < 100
+
+
+def test_get_many_takes_in_order_and_unget_many_puts_back_first(tmp_path: Any) -> None:
+    """The sender takes items a few at a time; what it could not finish goes back in
+    front, in order, and is taken again before anything queued meanwhile."""
+    q = SourceQueue(100_000, journal=journal(str(tmp_path)))
+    ops(q, 10)
+    first = q.get_many(4, timeout=0)
+    assert names(first) == ["f00000", "f00001", "f00002", "f00003"]
+    rest = q.get_many(100, timeout=0)
+    assert len(rest) == 6  # what is ready, without waiting for more
+    assert q.get_many(5, timeout=0) == []
+    q.unget_many(rest[2:])  # f6..f9 could not be sent
+    ops(q, 1, start=10)
+    again = q.get_many(100, timeout=0)
+    assert names(again) == ["f00006", "f00007", "f00008", "f00009", "f00010"]
+    assert len(q) == 0 and q.bytes == 0
+
+
+def test_get_many_skips_cancelled_and_merged_lazy_items(tmp_path: Any) -> None:
+    q = SourceQueue(100_000, journal=journal(str(tmp_path)))
+    for name in ("a", "b", "a", "c"):  # the second "a" merges into the first
+        q.put_lazy(LazyKind.CONTENT, str(tmp_path / name), mode="full", ino=0)
+    got = q.get_many(10, timeout=0)
+    assert [os.path.basename(it.path) for it in got] == ["a", "b", "c"]
+    # taken items are no longer pending: a new change of "a" is a new item
+    q.put_lazy(LazyKind.CONTENT, str(tmp_path / "a"), mode="realtime", ino=0)
+    assert [os.path.basename(it.path) for it in q.get_many(10, timeout=0)] == ["a"]
