@@ -664,21 +664,7 @@ class Connection:
                 if not items:
                     self._flush_batch()
                     continue
-                for k, item in enumerate(items):
-                    try:
-                        self._item_order = item.order
-                        self._process(item)
-                    except _Gap:
-                        # Lost the socket in the middle of an item: what was sent is
-                        # resent from the in-flight window, and the item (and those
-                        # taken after it) is processed again from its start after the
-                        # reconnect (every op kind is replay-safe, a FILE_BEGIN restarts
-                        # a transfer), so no resync is needed.
-                        self.queue.unget_many(items[k:])
-                        raise
-                    except BaseException:
-                        self.queue.unget_many(items[k + 1 :])
-                        raise
+                self._send_taken(items)
             except _Gap:
                 continue
             except (OSError, EOFError) as exc:
@@ -692,6 +678,31 @@ class Connection:
                 log.exception("connection %d: worker error", self.rec.id)
                 self.last_error = str(exc)
                 self._lost(str(exc))
+
+    def _send_taken(self, items: list[Item]) -> None:
+        """Process the items taken from the queue, in order. When the connection is lost
+        in the middle of an item (the socket was gone at an emit, or a send failed),
+        what was sent is resent from the in-flight window and the item, with those taken
+        after it, goes back to the queue: it is processed again from its start after the
+        reconnect (every op kind is replay-safe, a FILE_BEGIN restarts a transfer), so
+        no resync is needed. Any other failure drops only the failing item (replaying it
+        would fail again); the items after it go back."""
+        from dtake.protocol.errors import ProtocolError
+
+        for k, item in enumerate(items):
+            try:
+                self._item_order = item.order
+                self._process(item)
+            except _Gap:
+                self.queue.unget_many(items[k:])
+                raise
+            except ProtocolError as exc:
+                lost = getattr(exc, "reason", None) == "SEND_FAILED"
+                self.queue.unget_many(items[k:] if lost else items[k + 1 :])
+                raise
+            except BaseException:
+                self.queue.unget_many(items[k + 1 :])
+                raise
 
     def _connect(self) -> bool:
         from dtake.protocol.auth import client_handshake
