@@ -15,7 +15,8 @@ when the next record would not fit; a record bigger than that gets a log of its 
 Write-through, why: the seed keeps the oldest items only in memory, so a crash of the
 service loses them. Here every item is appended when it is queued and memory is a
 bounded cache of the head of the logs; ``write(2)`` to the page cache survives a kill
--9 of the service, so the queue is replayed after one. A host crash (power loss) can
+-9 of the service, so the queue is replayed after one (a write the kill cuts short
+leaves an incomplete last record: the reload cuts it, see ``_reload``). A host crash (power loss) can
 lose unsynced pages: the boot id in the meta file detects it and the logs are then
 not trusted (the caller falls back to Mirror Required + a difference mirror).
 
@@ -205,7 +206,7 @@ class DiskJournal:
         trusted = bool(meta) and (meta.get("clean") or meta.get("boot_id") == boot_id())
         if old and trusted:
             try:
-                self._reload(old, scan)
+                self._reload(old, scan, killed=not meta.get("clean"))
                 self.trusted = True
             except (OSError, ValueError) as exc:
                 log.warning("queue logs %s not usable: %s", self.prefix, exc)
@@ -226,7 +227,16 @@ class DiskJournal:
             self.acked_order = int(meta.get("acked_order", 0))
         self.save_meta(clean=False)
 
-    def _reload(self, old: list[tuple[int, str]], scan: Callable[[bytes], int] | None) -> None:
+    def _reload(
+        self, old: list[tuple[int, str]], scan: Callable[[bytes], int] | None, *, killed: bool
+    ) -> None:
+        """``killed``: the service did not stop cleanly (same boot). A kill -9 can stop a
+        write(2) part way: the kernel checks for a fatal signal between the pages it
+        copies, so a record crossing a page boundary (or an ``append_many``) can end
+        short. Such an incomplete record at the end of the last log is what was being
+        written when the service died: it is cut, the complete ones before it are kept
+        (losing it is like a change made just after the kill, which the restart's
+        difference mirror covers). Anywhere else, or after a clean stop, it is damage."""
         files: list[_LogFile] = []
         for seq, path in old:
             lf = _LogFile(seq, path, os.path.getsize(path))
@@ -245,8 +255,17 @@ class DiskJournal:
                 if scan is not None:
                     lf.last_order = scan(payload)
             if reader.offset != lf.size:
-                # A torn record: only a host crash or a full disk leaves one.
-                raise ValueError(f"{lf.path}: torn record at offset {reader.offset}")
+                # A torn record (crc mismatches raised already: this one is incomplete).
+                if not killed or i != len(files) - 1:
+                    raise ValueError(f"{lf.path}: torn record at offset {reader.offset}")
+                log.warning(
+                    "queue log %s: incomplete last record at offset %d (the service was "
+                    "killed while writing it): cut",
+                    lf.path,
+                    reader.offset,
+                )
+                os.truncate(lf.path, reader.offset)
+                lf.size = reader.offset
 
     def _read_meta(self) -> dict[str, Any]:
         try:

@@ -43,6 +43,7 @@ from dtake.service.queue import (
     op_cost,
 )
 from dtake.service.transmit import TransmitControl
+from dtake.service.vanished import VanishedPaths
 
 if TYPE_CHECKING:
     from dtake.service.daemon import Service
@@ -164,6 +165,8 @@ class Connection:
         self._sigs: dict[str, tuple[int, list[int]]] = {}
         self._sig_blocks = 0
         self._hardlink_warned: set[str] = set()
+        # Paths the sender found gone, until a RENAME or DELETE explains it (vanished.py).
+        self._vanished = VanishedPaths()
         # Change journal resync: token presented at open, verdict, method shown in status.
         self.resync = ResyncState()
         # Counters read by dtake.service.metrics (with .get(key, 0)); all ints except
@@ -182,6 +185,7 @@ class Connection:
             "read_failures": 0,
             "resent_ops": 0,  # ops sent again from the in-flight window after a reconnect
             "mirror_failures": 0,  # files a mirror could not send (unreadable, or refused)
+            "vanished_resent": 0,  # paths found gone when read, sent after their RENAME
             "last_file_touched": "",
         }
 
@@ -330,6 +334,7 @@ class Connection:
         log.warning("connection %d: %s: Mirror Required", self.rec.id, why)
         self.svc.events.emit(event, con_id=self.rec.id)
         self.queue.clear()
+        self._vanished.clear()
         self._sigs.clear()
         self._sig_blocks = 0
         datastate.source_event(self, DataEvent.OPS_LOST, why)
@@ -885,6 +890,8 @@ class Connection:
     def _process(self, item: Item) -> None:
         if item.op is not None:
             self._emit(item.op)
+            if self._vanished and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
+                self._explain_vanished(item.op)
             return
         path = item.path
         if item.lazy == LazyKind.MIRROR_END:
@@ -902,7 +909,10 @@ class Connection:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            return  # a later DELETE/RENAME in the queue tells the target
+            # A later DELETE/RENAME in the queue tells the target; until then the
+            # path is remembered: a RENAME must also send what was never sent.
+            self._note_vanished(path, item.lazy or "")
+            return
         except OSError:
             self.stats["read_failures"] += 1
             if item.mode != "realtime":
@@ -945,11 +955,45 @@ class Connection:
                 return
             self._send_file(path, r, item.mode, st)
 
+    def _note_vanished(self, path: str, kind: str) -> None:
+        if not self._vanished.add(path, kind):
+            self._vanished.clear()
+            self.gap("too many paths vanished before they were sent")
+
+    def _explain_vanished(self, op: Op) -> None:
+        """After a RENAME or DELETE: forget the vanished paths it covers; for a RENAME,
+        first send what is now at their new names (dtake.service.vanished)."""
+        base = self.base.rstrip("/")
+        src = f"{base}/{op.path}" if op.path else base
+        hits = self._vanished.under(src)
+        if op.kind == OpKind.RENAME and op.new_path and hits:
+            self.stats["vanished_resent"] += len(hits)
+            dst = f"{base}/{op.new_path}"
+            walked: list[str] = []
+            for p, kind in hits:  # a directory before what is below it
+                q = dst + p[len(src) :]
+                if any(q == w or q.startswith(w + "/") for w in walked):
+                    continue  # sent with its directory
+                if not self.rules.matches(q, is_dir=kind == LazyKind.MKDIR):
+                    continue  # excluded under its new name
+                if kind == LazyKind.MKDIR:
+                    walked.append(q)
+                    self._process(Item(0, lazy=LazyKind.MKDIR, path=q))
+                    for entry, _ in self._walk(q):
+                        self._process(Item(0, lazy=LazyKind.CONTENT, path=entry))
+                else:
+                    lazy = LazyKind.ATTRS if kind == LazyKind.ATTRS else LazyKind.CONTENT
+                    self._process(Item(0, lazy=lazy, path=q))
+        for p, _ in hits:  # only now: a lost socket above retries the whole item
+            self._vanished.discard(p)
+
     def _send_file(self, path: str, r: str, mode: str, lst: os.stat_result) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ELOOP):
+            if exc.errno == errno.ENOENT:
+                self._note_vanished(path, LazyKind.CONTENT)
+            elif exc.errno != errno.ELOOP:
                 self.stats["read_failures"] += 1
                 if mode != "realtime":
                     self.stats["mirror_failures"] += 1

@@ -349,6 +349,37 @@ def test_one_to_many_and_chained(tmp_path: Any, service: Factory) -> None:
     assert_same(src, chain)
 
 
+def test_directory_renamed_before_the_capture_reports_it(tmp_path: Any, service: Factory) -> None:
+    """The sender reads a new directory's items after it was renamed on disk but before
+    the capture thread reported the rename (the capture lags under load). It used to
+    skip them ("a later RENAME tells the target") and the RENAME then moved nothing on
+    the target: the directory was missing there and the state said OK. The lag is made
+    here: the new directory's items wait (transmission paused), then a burst of events
+    keeps the capture thread busy while the rename happens and the sender resumes."""
+    with small_inotify_queue(131072):  # room for the burst: no overflow, no remirror
+        src, dst, a, _b, cid = mirrored_pair(tmp_path, service)
+    burst = [os.path.join(src, "burst0"), os.path.join(src, "burst1")]
+    for f in burst:
+        open(f, "w").close()
+    settle(a, cid)
+    a.call("transmit", con_id=cid, action="pause")
+    new = os.path.join(src, "new")
+    os.mkdir(new)
+    for i in range(20):
+        with open(os.path.join(new, f"f{i}"), "w") as fh:
+            fh.write(str(i))
+    time.sleep(0.5)  # captured and queued; nothing is sent while paused
+    for i in range(60000):  # alternating files: the kernel merges no event
+        os.chmod(burst[i % 2], 0o600 if i % 4 < 2 else 0o644)
+    os.rename(new, new + "-moved")
+    a.call("transmit", con_id=cid, action="resume")
+    settle(a, cid)
+    time.sleep(0.5)
+    st = settle(a, cid)
+    assert_same(src, dst)
+    assert st["target_data_state"] == "OK"
+
+
 def test_active_active_loop_is_refused(tmp_path: Any, service: Factory) -> None:
     shared = str(tmp_path / "shared")
     os.makedirs(shared)

@@ -177,6 +177,33 @@ def test_torn_record_is_not_trusted(tmp_path: Any) -> None:
     assert q2.journal is not None and not q2.journal.trusted and len(q2) == 0
 
 
+@pytest.mark.parametrize("where", ["header", "payload", "two records"])
+def test_kill_during_a_write_cuts_the_incomplete_last_record(tmp_path: Any, where: str) -> None:
+    """A kill -9 can stop a write(2) to a regular file part way (the kernel checks for
+    a fatal signal between pages: a record crossing a page boundary, or a mirror
+    slice's append_many, is cut). The logs keep every complete record before it; only
+    what was being written when the service died is lost, like a change made just
+    after the kill (the restart's difference mirror covers both)."""
+    j = journal(str(tmp_path))
+    q = SourceQueue(1000, journal=j)
+    ops(q, 20)
+    del q  # no close(): a kill -9 (clean=false, same boot)
+    path = j.existing()[-1][1]
+    size = os.path.getsize(path)
+    rec = size // 20  # records of the same size here
+    cut, kept = {"header": (rec - 3, 19), "payload": (5, 19), "two records": (rec + 5, 18)}[where]
+    with open(path, "r+b") as fh:
+        fh.truncate(size - cut)
+    q2 = SourceQueue(1000, journal=journal(str(tmp_path)))
+    assert q2.journal is not None and q2.journal.trusted
+    assert q2.reloaded == kept
+    assert q2.put_op(Op(OpKind.DELETE, "after"))  # written after the cut, not the torn tail
+    q2.close(clean=False)
+    q3 = SourceQueue(1000, journal=journal(str(tmp_path)))
+    assert q3.journal is not None and q3.journal.trusted
+    assert names(drain(q3)) == [f"f{i:05}" for i in range(kept)] + ["after"]
+
+
 def test_acks_trim_logs(tmp_path: Any) -> None:
     j = journal(str(tmp_path), log_size=2048)
     q = SourceQueue(100_000, journal=j)

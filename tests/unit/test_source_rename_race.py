@@ -1,0 +1,179 @@
+"""A rename that reaches the sender's disk reads before its capture event (scripted).
+
+The sender reads a lazy item's path when it sends it. Under load the capture thread can
+lag: a file or directory is renamed on disk, the sender takes the items queued for the
+old name, finds nothing there and skips them ("a later RENAME tells the target"), and
+only then is the rename event dispatched. The RENAME can then move nothing on the
+target, and what was never sent under the old name must still reach it under the new
+one. Here the two threads are replaced by explicit steps in that order: capture events,
+rename on disk, the sender drains the queue, the rename event, the sender drains again;
+then the ops are applied to a real target tree and the trees must be equal.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from dtake.config import QueueConfig
+from dtake.ops import Op
+from dtake.rules import RuleSet
+from dtake.service.apply import TargetTree
+from dtake.service.source import Connection, ConnRecord
+from dtake.testing import tree_diff
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.emitted: list[tuple[int, dict[str, Any]]] = []
+
+    def emit(self, eid: int, **kw: Any) -> None:
+        self.emitted.append((eid, kw))
+
+
+def _write(path: Path, data: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data)
+
+
+class Pair:
+    """A source connection whose sender is driven by hand, and its target tree."""
+
+    def __init__(self, tmp_path: Path, *, disk_queue: bool) -> None:
+        self.src = tmp_path / "src"
+        self.dst = tmp_path / "dst"
+        self.src.mkdir()
+        qfolder = tmp_path / "queue"
+        qfolder.mkdir()
+        qcfg = QueueConfig(
+            memory_max_mb=16,
+            disk_folder=str(qfolder),
+            disk_max_mb=None if disk_queue else 0,
+            disk_free_min_mb=0,
+        )
+        svc = SimpleNamespace(
+            cfg=SimpleNamespace(queue=qcfg, auto_remirror=False),
+            features={},
+            events=_Events(),
+            is_internal=lambda _p: False,
+        )
+        rec = ConnRecord(id=1, repset="rs", host="127.0.0.1", port=1, target_path=str(self.dst))
+        self.conn = Connection(svc, rec, RuleSet.from_list([f"{self.src} inc, rec"]))  # type: ignore[arg-type]
+        self.sent: list[Op] = []
+        self.conn._emit = self.sent.append  # type: ignore[method-assign]
+        self.tree = TargetTree(str(self.dst))
+
+    def event(
+        self, kind: str, path: Path, *, is_dir: bool = False, dest: Path | None = None
+    ) -> None:
+        """The capture thread dispatches one event."""
+        self.conn.on_change(
+            kind, str(path), is_dir=is_dir, dest=None if dest is None else str(dest)
+        )
+
+    def drain(self) -> None:
+        """The sender takes and sends everything queued; the target applies it."""
+        while (item := self.conn.queue.get(timeout=0)) is not None:
+            self.conn._process(item)
+        for op in self.sent:
+            self.tree.apply(op)
+        self.sent.clear()
+
+    def close(self) -> None:
+        self.tree.close()
+        self.conn.queue.close()
+
+
+@pytest.fixture(params=[False, True], ids=["memory-queue", "disk-queue"])
+def pair(request: Any, tmp_path: Path) -> Any:
+    p = Pair(tmp_path, disk_queue=request.param)
+    yield p
+    p.close()
+
+
+def test_new_directory_renamed_before_the_sender_reads_it(pair: Pair) -> None:
+    d, moved = pair.src / "d001", pair.src / "d001-moved"
+    d.mkdir()
+    _write(d / "f0000", "zero")
+    _write(d / "f0001", "one")
+    pair.event("mkdir", d, is_dir=True)
+    pair.event("closed_write", d / "f0000")
+    pair.event("closed_write", d / "f0001")
+    os.rename(d, moved)
+    pair.drain()  # the sender got there first: every path it reads is gone
+    pair.event("moved", d, is_dir=True, dest=moved)
+    pair.drain()
+    assert tree_diff(str(pair.src), str(pair.dst)) == []
+
+
+def test_atomic_save_renamed_before_the_sender_reads_the_temp_file(pair: Pair) -> None:
+    real = pair.src / "config"
+    _write(real, "version 1")
+    pair.event("closed_write", real)
+    pair.drain()
+    assert (pair.dst / "config").read_text() == "version 1"
+    tmp = pair.src / "config.tmp"
+    _write(tmp, "version 2, longer")
+    pair.event("closed_write", tmp)
+    os.rename(tmp, real)  # the usual write-then-rename save
+    pair.drain()
+    pair.event("moved", tmp, dest=real)
+    pair.drain()
+    assert tree_diff(str(pair.src), str(pair.dst)) == []
+
+
+def test_renamed_twice_before_either_event(pair: Pair) -> None:
+    d = pair.src / "a"
+    d.mkdir()
+    _write(d / "f", "data")
+    pair.event("mkdir", d, is_dir=True)
+    pair.event("closed_write", d / "f")
+    os.rename(d, pair.src / "b")
+    os.rename(pair.src / "b", pair.src / "c")
+    pair.drain()
+    pair.event("moved", d, is_dir=True, dest=pair.src / "b")
+    pair.drain()  # "b" is gone too by now
+    pair.event("moved", pair.src / "b", is_dir=True, dest=pair.src / "c")
+    pair.drain()
+    assert tree_diff(str(pair.src), str(pair.dst)) == []
+
+
+def test_deleted_before_the_sender_reads_it_is_forgotten(pair: Pair) -> None:
+    f = pair.src / "gone"
+    _write(f, "x")
+    pair.event("closed_write", f)
+    os.unlink(f)
+    pair.drain()
+    pair.event("deleted", f)
+    pair.drain()
+    assert tree_diff(str(pair.src), str(pair.dst)) == []
+    assert not pair.conn._vanished
+
+
+def test_vanished_paths_are_bounded() -> None:
+    from dtake.service.vanished import VanishedPaths
+
+    now = [0.0]
+    v = VanishedPaths(max_paths=3, ttl=10.0, clock=lambda: now[0])
+    assert v.add("/s/a/x", "content") and v.add("/s/a/y", "content") and v.add("/s/b", "mkdir")
+    assert [p for p, _ in v.under("/s/a")] == ["/s/a/x", "/s/a/y"]
+    assert v.under("/s/c") == [] and v.under("/s/a/x") == [("/s/a/x", "content")]
+    assert not v.add("/s/c", "content")  # full, nothing old enough to drop: remirror
+    now[0] = 11.0
+    assert v.add("/s/c", "content") and len(v) == 1  # the old entries expired
+    v.discard_under("/s")
+    assert not v and v.under("/s") == []
+
+
+def test_too_many_vanished_paths_remirror(pair: Pair, monkeypatch: Any) -> None:
+    pair.conn._vanished.max_paths = 2
+    gaps: list[str] = []
+    monkeypatch.setattr(pair.conn, "gap", gaps.append)
+    for name in ("a", "b", "c"):
+        pair.event("closed_write", pair.src / name)  # never existed: gone when read
+    pair.drain()
+    assert gaps == ["too many paths vanished before they were sent"]
