@@ -656,7 +656,12 @@ class Connection:
                     if c.get("more") is False:
                         return
         finally:
-            with self._ack_cond:
+            self._request_drop(rid)
+
+    def _request_drop(self, *rids: int) -> None:
+        """Forget requests' response boxes: their answers, if still coming, are ignored."""
+        with self._ack_cond:
+            for rid in rids:
                 self._resp.pop(rid, None)
 
     def request_scan(self) -> list[dict[str, Any]]:

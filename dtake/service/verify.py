@@ -555,9 +555,7 @@ class _Pipeline:
         rids = [sent[1][0] for _b, sent, _m in self._pending if sent[1] is not None]
         if self._target is None:
             rids.append(self._scan[0])
-        with self.conn._ack_cond:
-            for rid in rids:
-                self.conn._resp.pop(rid, None)
+        self.conn._request_drop(*rids)
 
 
 def _compare(e: _Entry) -> None:
