@@ -15,8 +15,10 @@ from dtake.service.source import BLOCK, Connection
 from dtake.service.verify import (
     BLOCKS,
     DIGEST,
+    _content_may_differ,
     _Entry,
     _local_hashes_batch,
+    _needs_blocks,
     _Pipeline,
     _RemoteHashes,
     digest_fd,
@@ -212,3 +214,25 @@ def test_a_closed_pipeline_drops_the_answer_boxes_of_its_outstanding_requests(
     assert conn._resp == {99: [{"more": True}]}
     conn._request_drop(99, 100)  # an unknown id is no error
     assert conn._resp == {}
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "content", "blocks"),
+    [
+        ("f", "checksum differs", True, True),
+        ("f", "size differs (2 vs 1)", True, True),
+        ("f", "date/time differs", True, True),
+        ("f", "permissions differ", False, False),  # attributes only: no byte counted
+        ("f", "owner differs", False, False),
+        ("l", "link target differs", False, False),
+    ],
+)
+def test_which_differences_count_bytes_out_of_sync(
+    tmp_path: Any, kind: str, reason: str, content: bool, blocks: bool
+) -> None:
+    e = _Entry(str(tmp_path), "x", os.lstat(tmp_path), kind, None, reason)
+    assert _content_may_differ(e) is content
+    e.mine, e.theirs = b"a", b"b"  # digests: block lists are fetched to count the bytes
+    assert _needs_blocks(e) is blocks
+    e.mine, e.theirs = [1], [2]  # block lists already
+    assert not _needs_blocks(e)
