@@ -17,7 +17,16 @@ import yaml
 
 from dtake.errors import DtakeError, E
 
-__all__ = ["QueueConfig", "ServiceConfig", "load_config", "load_schema"]
+__all__ = [
+    "DEFAULT_PORT",
+    "QueueConfig",
+    "ServiceConfig",
+    "load_config",
+    "load_schema",
+    "split_hostport",
+]
+
+DEFAULT_PORT = 6320
 
 SYSTEM_DIRS = (
     "/",
@@ -36,6 +45,30 @@ SYSTEM_DIRS = (
 )
 
 
+def split_hostport(text: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (a bare IPv6 address has no
+    port) as ``(host, port)``, the port DEFAULT_PORT when none is given. ValueError,
+    saying what is wrong, for an empty host, an unclosed ``[``, anything after ``]``
+    but ``:port``, or a port that is not a number from 1 to 65535."""
+    host, port = text, ""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"missing ']' in {text!r}")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected ':PORT' after ']' in {text!r}")
+        port = rest[1:] if rest else str(DEFAULT_PORT)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        port = str(DEFAULT_PORT)
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"bad port {port!r} in {text!r}: a number from 1 to 65535")
+    return host, int(port)
+
+
 @dataclass
 class QueueConfig:
     memory_max_mb: float = 128  # QMemoryBufferMax (fractions: tests, small hosts)
@@ -47,7 +80,7 @@ class QueueConfig:
 
 @dataclass
 class ServiceConfig:
-    port: int = 6320
+    port: int = DEFAULT_PORT
     bind: str = "0.0.0.0"
     node_name: str = field(default_factory=socket.gethostname)
     state_dir: str = "/var/lib/dtake"

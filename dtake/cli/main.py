@@ -23,18 +23,12 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    host, port = text, 6320
-    if text.startswith("["):  # [v6]:port
-        end = text.index("]")
-        host = text[1:end]
-        if text[end + 1 :].startswith(":"):
-            port = int(text[end + 2 :])
-    elif text.count(":") == 1:
-        host, p = text.split(":")
-        port = int(p)
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {port}")
-    return host, port
+    from dtake.config import split_hostport  # only here: it imports yaml
+
+    try:
+        return split_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -543,8 +543,12 @@ def replay(conn: Connection, marks: dict[str, int], mode: str, cancel: threading
                 for chunk in conn._walk_dirs(path):
                     if halt():
                         return
-                    for p, est in chunk:
-                        total += _queue_entry(conn, put, p, est, mode, attrs)
+                    attrs.update(p for p, est in chunk if stat.S_ISDIR(est.st_mode))
+                    # As the walk queues them; a large file block by block (as below).
+                    done = conn._queue_walked(chunk, mode, total, cancel, big_mode="checksum")
+                    if done is None:
+                        return
+                    total = done[0]
         elif fmt == stat.S_IFLNK:
             put(LazyKind.SYMLINK, path)
         elif fmt == stat.S_IFREG:
@@ -573,32 +577,6 @@ def replay(conn: Connection, marks: dict[str, int], mode: str, cancel: threading
         if rs.replaying is cancel:
             rs.marks = {}  # queued: a lost connection now resends from the queue
             rs.replaying = None
-
-
-def _queue_entry(
-    conn: Connection, put: Any, path: str, st: os.stat_result, mode: str, attrs: set[str]
-) -> int:
-    from dtake.service.queue import LazyKind
-    from dtake.service.source import BIG_FILE
-
-    fmt = stat.S_IFMT(st.st_mode)
-    if fmt == stat.S_IFDIR:
-        attrs.add(path)
-        put(LazyKind.MKDIR, path)
-        return 0
-    if fmt == stat.S_IFLNK:
-        put(LazyKind.SYMLINK, path)
-        return 0
-    if st.st_nlink > 1 and fmt == stat.S_IFREG:
-        conn._warn_hardlink(path)
-        return 0
-    put(
-        LazyKind.CONTENT,
-        path,
-        m="checksum" if st.st_size >= BIG_FILE else mode,
-        ino=st.st_ino,
-    )
-    return st.st_size
 
 
 def is_temp(path: str) -> bool:

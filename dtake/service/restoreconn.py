@@ -39,6 +39,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from dtake.config import split_hostport
 from dtake.errors import DtakeError, E
 from dtake.rules import Rule, RuleError, RuleSet, parse_rule
 from dtake.service import datastate
@@ -66,7 +67,6 @@ log = logging.getLogger("dtake.restoreconn")
 NAME = "dtake.service.restoreconn"
 BACKUP_STORE = "repset_backup.json"
 HOLD_STORE = "restore_holds.json"
-DEFAULT_PORT = 6320
 
 
 def map_rules(rules: list[str], base: str, dest: str) -> list[str]:
@@ -89,17 +89,6 @@ def map_rules(rules: list[str], base: str, dest: str) -> list[str]:
 def _overlap(a: str, b: str) -> bool:
     a, b = os.path.normpath(a), os.path.normpath(b)
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
-def _split_host(source: str) -> tuple[str, int]:
-    """``host``, ``host:port`` or ``[v6]:port``."""
-    if source.startswith("["):
-        host, _, rest = source[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else DEFAULT_PORT
-    if source.count(":") == 1:
-        host, port = source.split(":")
-        return host, int(port)
-    return source, DEFAULT_PORT
 
 
 class RestoreConnections:
@@ -208,9 +197,9 @@ class RestoreConnections:
         if orphans not in ("off", "log", "delete", "move"):
             raise DtakeError(E.INVALID_OPTION, "orphans must be off, log, delete or move")
         try:
-            host, port = _split_host(source)
+            host, port = split_hostport(source)
         except ValueError as exc:
-            raise DtakeError(E.INVALID_PARAMETER, f"bad source address {source!r}") from exc
+            raise DtakeError(E.INVALID_PARAMETER, f"bad source address: {exc}") from exc
         want = os.path.normpath(from_path) if from_path else None
         copies = [c for c in self.copies(repset) if want is None or c["target_path"] == want]
         if not copies:

@@ -506,49 +506,30 @@ class Connection:
         # moves a directory's mtime on the target after its MKDIR set it, so their
         # attributes are sent again once everything below them is queued (as rsync -a).
         touched: set[str] = set()
-        # Items go to the queue in slices of a directory's entries (one lock round trip
-        # and one log write each), small enough for a small queue's flow control.
-        slice_items = max(1, min(WALK_PUT, self.queue.budget // 16 // 1024))
         for chunk in walk:
-            # pause/cancel checks once per directory (the loop below is kept tight)
+            # pause/cancel checks once per directory (the loops below are kept tight)
             while self._mirror_pause.is_set() and not cancel.is_set():
                 time.sleep(0.05)
             if cancel.is_set() or stopped.is_set():
                 return
-            wrote = False
-            batch: list[tuple[str, str, str, int]] = []
-            for path, st in chunk:
-                r = path[cut:]
-                if track_seen:
-                    seen.add(r)
-                if r in same:
-                    skipped_files += 1
-                    skipped_bytes += st.st_size
-                    continue
-                fmt = st.st_mode & IFMT
-                if fmt == IFDIR:
-                    batch.append((LazyKind.MKDIR, path, "full", st.st_ino))
-                elif fmt == IFLNK:
-                    batch.append((LazyKind.SYMLINK, path, "full", st.st_ino))
-                elif st.st_nlink > 1:
-                    self._warn_hardlink(path)
-                    continue
-                else:
-                    total += st.st_size
-                    batch.append((LazyKind.CONTENT, path, mode, st.st_ino))
-                if len(batch) >= slice_items:
-                    self.mirror_total = total  # before the sender can count the bytes
-                    if not self._put_walked(batch, cancel):
-                        return
-                    wrote = True
-                    batch = []
-            if batch:
-                self.mirror_total = total
-                if not self._put_walked(batch, cancel):
-                    return
-                wrote = True
-            if wrote:  # a chunk is one directory's entries: one parent per chunk
-                touched.add(os.path.dirname(chunk[0][0]))
+            parent = os.path.dirname(chunk[0][0])  # a chunk is one directory's entries
+            if track_seen:
+                seen.update(path[cut:] for path, _ in chunk)
+            if same:
+                kept: list[tuple[str, os.stat_result]] = []
+                for entry in chunk:
+                    if entry[0][cut:] in same:
+                        skipped_files += 1
+                        skipped_bytes += entry[1].st_size
+                    else:
+                        kept.append(entry)
+                chunk = kept
+            done = self._queue_walked(chunk, mode, total, cancel)
+            if done is None:
+                return
+            total, wrote = done
+            if wrote:
+                touched.add(parent)
         for d in sorted(touched, key=lambda p: -p.count("/")):  # deepest first
             if cancel.is_set() or stopped.is_set():
                 return
@@ -564,6 +545,54 @@ class Connection:
         if not cancel.is_set():
             self.mirror_queued_done = True
             self.queue.put_marker(LazyKind.MIRROR_END, mode=mode)
+
+    def _queue_walked(
+        self,
+        chunk: list[tuple[str, os.stat_result]],
+        mode: str,
+        total: int,
+        cancel: threading.Event,
+        *,
+        big_mode: str | None = None,
+    ) -> tuple[int, bool] | None:
+        """Queue walked entries (a ``_walk_dirs`` list) by the mirror walk's kind rules:
+        a directory as MKDIR, a symbolic link as SYMLINK, a hard-linked file not at all
+        (reported), anything else as CONTENT in ``mode`` (``big_mode``, if given, for
+        files of BIG_FILE bytes or more). They go in slices of ``put_lazy_many`` (one
+        lock round trip and one log write each), small enough for a small queue's flow
+        control, with the inode the walk saw. ``total``: the file bytes counted so far
+        (``mirror_total``, set before each slice goes). Returns ``total`` with these
+        files added and whether anything was queued; None when the mirror was cancelled.
+        """
+        IFMT, IFDIR, IFLNK = 0o170000, stat.S_IFDIR, stat.S_IFLNK
+        slice_items = max(1, min(WALK_PUT, self.queue.budget // 16 // 1024))
+        wrote = False
+        batch: list[tuple[str, str, str, int]] = []
+        for path, st in chunk:
+            fmt = st.st_mode & IFMT
+            if fmt == IFDIR:
+                batch.append((LazyKind.MKDIR, path, "full", st.st_ino))
+            elif fmt == IFLNK:
+                batch.append((LazyKind.SYMLINK, path, "full", st.st_ino))
+            elif st.st_nlink > 1:
+                self._warn_hardlink(path)
+                continue
+            else:
+                total += st.st_size
+                m = big_mode if big_mode is not None and st.st_size >= BIG_FILE else mode
+                batch.append((LazyKind.CONTENT, path, m, st.st_ino))
+            if len(batch) >= slice_items:
+                self.mirror_total = total  # before the sender can count the bytes
+                if not self._put_walked(batch, cancel):
+                    return None
+                wrote = True
+                batch = []
+        if batch:
+            self.mirror_total = total
+            if not self._put_walked(batch, cancel):
+                return None
+            wrote = True
+        return total, wrote
 
     def _put_walked(self, batch: list[tuple[str, str, str, int]], cancel: threading.Event) -> bool:
         """Queue a slice of the mirror walk; False when the mirror was cancelled. Flow
@@ -634,7 +663,12 @@ class Connection:
                     if c.get("more") is False:
                         return
         finally:
-            with self._ack_cond:
+            self._request_drop(rid)
+
+    def _request_drop(self, *rids: int) -> None:
+        """Forget requests' response boxes: their answers, if still coming, are ignored."""
+        with self._ack_cond:
+            for rid in rids:
                 self._resp.pop(rid, None)
 
     def request_scan(self) -> list[dict[str, Any]]:

@@ -555,9 +555,7 @@ class _Pipeline:
         rids = [sent[1][0] for _b, sent, _m in self._pending if sent[1] is not None]
         if self._target is None:
             rids.append(self._scan[0])
-        with self.conn._ack_cond:
-            for rid in rids:
-                self.conn._resp.pop(rid, None)
+        self.conn._request_drop(*rids)
 
 
 def _compare(e: _Entry) -> None:
@@ -586,14 +584,15 @@ def _compare(e: _Entry) -> None:
         e.reason = "permissions differ" if t[_MODE] != mode else "owner differs"
 
 
+def _content_may_differ(e: _Entry) -> bool:
+    """A file found different in more than its permissions or owner: bytes of it may be
+    out of sync (counted, and for digests compared by block lists first)."""
+    return e.kind == "f" and e.reason not in ("permissions differ", "owner differs")
+
+
 def _needs_blocks(e: _Entry) -> bool:
     """A file found different by digests: its block lists count the bytes out of sync."""
-    return (
-        e.kind == "f"
-        and isinstance(e.mine, bytes)
-        and isinstance(e.theirs, bytes)
-        and e.reason not in ("permissions differ", "owner differs")
-    )
+    return _content_may_differ(e) and isinstance(e.mine, bytes) and isinstance(e.theirs, bytes)
 
 
 def verify_connection(
@@ -625,7 +624,7 @@ def verify_connection(
         else:
             tattrs = FileAttrs(t[_MTIME] / 1e9, int(t[_SIZE]), _mask_of(e.rel, t))
             oos = 0
-            if kind == "f" and e.reason not in ("permissions differ", "owner differs"):
+            if _content_may_differ(e):
                 oos = _out_of_sync(st.st_size, e.mine, e.theirs)
             rep.files_different += 1
             rep.bytes_different += oos

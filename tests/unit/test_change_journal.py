@@ -23,7 +23,7 @@ from dtake.service.journal import (
     mounts_near,
     replay,
 )
-from dtake.service.source import Connection
+from dtake.service.source import BIG_FILE, Connection
 
 B = "/data"
 
@@ -144,14 +144,27 @@ def test_invalidate_keeps_the_first_reason() -> None:
 
 
 class _Queue:
-    def __init__(self) -> None:
+    def __init__(self, budget: int = 64 << 20) -> None:
         self.items: list[tuple[str, str, str]] = []
+        self.inos: dict[tuple[str, str], int | None] = {}  # the inode the caller passed
+        self.slices: list[int] = []  # sizes of the put_lazy_many calls
+        self.budget = budget
 
     def wait_room(self, stop: Any) -> None:
         pass
 
-    def put_lazy(self, kind: str, path: str, *, mode: str = "realtime", **_: Any) -> bool:
+    def put_lazy(
+        self, kind: str, path: str, *, mode: str = "realtime", ino: int | None = None, **_: Any
+    ) -> bool:
         self.items.append((kind, path, mode))
+        self.inos[kind, path] = ino
+        return True
+
+    def put_lazy_many(self, entries: list[tuple[str, str, str, int]]) -> bool:
+        self.slices.append(len(entries))
+        for kind, path, mode, ino in entries:
+            self.items.append((kind, path, mode))
+            self.inos[kind, path] = ino
         return True
 
     def put_delete(self, src: str, op: Any) -> bool:
@@ -174,6 +187,8 @@ class _Conn:
     """What replay uses of a Connection; the walk is the real one."""
 
     _walk_dirs = Connection._walk_dirs
+    _queue_walked = Connection._queue_walked
+    _put_walked = Connection._put_walked
     rel = Connection.rel
 
     def __init__(self, base: str) -> None:
@@ -245,6 +260,54 @@ def test_replay_order_and_ops(tmp_path: Any) -> None:
     assert attrs == sorted(attrs, key=lambda p: -p.count("/"))
     assert {base, f"{base}/a", f"{base}/new", f"{base}/new/x"} <= set(attrs)
     assert conn.mirror_queued_done
+
+
+def test_replay_queues_a_new_directory_entry_by_entry_as_the_walk(tmp_path: Any) -> None:
+    # Every entry below a new directory, with the mirror walk's kind and the inode it
+    # saw, in walk order and in slices (a small queue: two items a slice).
+    base = str(tmp_path / "src")
+    new = f"{base}/new"
+    _put(f"{new}/c_dir/inner")
+    os.makedirs(f"{new}/d_empty")
+    with open(f"{new}/a_big", "wb") as fh:
+        fh.truncate(BIG_FILE)  # block by block against the target's copy
+    os.symlink("c_dir/inner", f"{new}/b_link")
+    for i in range(5):
+        _put(f"{new}/f{i}", b"y" * (i + 1))
+    _put(f"{new}/hard")
+    os.link(f"{new}/hard", f"{new}/hard2")
+    os.mkfifo(f"{new}/g_fifo")  # neither a directory nor a link: content, as the walk
+    j = ChangeJournal(("rs", "h", 1, "/t"), _Conn(base).rules, max_paths=100)
+    j.mark_event("mkdir", new, is_dir=True)
+    conn = _Conn(base)
+    conn.queue = _Queue(budget=2 * 16 * 1024)
+    replay(conn, j.marks, "differences", threading.Event())  # type: ignore[arg-type]
+    items = conn.queue.items
+    below = [i for i in items if i[1].startswith(new + "/") and i[0] != "attrs"]
+    assert below == [
+        ("content", f"{new}/a_big", "checksum"),
+        ("symlink", f"{new}/b_link", "full"),
+        ("mkdir", f"{new}/c_dir", "full"),
+        ("mkdir", f"{new}/d_empty", "full"),
+        ("content", f"{new}/f0", "differences"),
+        ("content", f"{new}/f1", "differences"),
+        ("content", f"{new}/f2", "differences"),
+        ("content", f"{new}/f3", "differences"),
+        ("content", f"{new}/f4", "differences"),
+        ("content", f"{new}/g_fifo", "differences"),
+        ("content", f"{new}/c_dir/inner", "differences"),
+    ]
+    assert items[0] == ("mkdir", new, "full")
+    assert sorted(conn.warned) == [f"{new}/hard", f"{new}/hard2"]
+    for kind, path, _mode in below:  # the walk's inode: no second lstat when queued
+        assert conn.queue.inos[kind, path] == os.lstat(path).st_ino
+    assert conn.queue.slices == [2, 2, 2, 2, 2, 1]
+    assert conn.mirror_total == BIG_FILE + sum(range(1, 6)) + 1  # a fifo: 0 bytes
+    # Directory attributes again at the end, deepest first, empty directories too.
+    attrs = [i[1] for i in items if i[0] == "attrs"]
+    assert set(attrs) == {base, new, f"{new}/c_dir", f"{new}/d_empty"}
+    assert attrs[-2:] == [new, base]
+    assert items[-1] == ("mirror_end", "", "differences")
 
 
 def test_replay_of_an_empty_journal_sends_the_base_attributes(tmp_path: Any) -> None:

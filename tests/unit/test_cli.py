@@ -140,6 +140,12 @@ def test_usage_errors_exit_2(bad: list[str]) -> None:
     assert exc.value.code == 2
 
 
+def test_a_bad_target_port_says_why(capsys: Any) -> None:
+    with pytest.raises(SystemExit):
+        main(["connect", "rs", "beta:x", "--target-path", "/x"])
+    assert "bad port 'x' in 'beta:x': a number from 1 to 65535" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- transmit
 @pytest.fixture
 def tx(tmp_path: Any) -> Iterator[FakeControl]:

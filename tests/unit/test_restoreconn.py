@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pytest
-
 from dtake.cli.main import main
 from dtake.rules import RuleSet
-from dtake.service.restoreconn import _split_host, map_rules
+from dtake.service.restoreconn import map_rules
 from dtake.testing import FakeControl
 
 
@@ -32,20 +30,6 @@ def test_rules_from_the_root_and_several_includes() -> None:
     assert out == ["/c/a inc, rec", "/c/b inc"] and RuleSet.from_list(out).base() == "/c"
     # a sibling whose name starts like the base is outside it
     assert map_rules(["/data inc, rec", "/database exc"], "/data", "/c") == ["/c inc, rec"]
-
-
-@pytest.mark.parametrize(
-    ("text", "want"),
-    [
-        ("alpha", ("alpha", 6320)),
-        ("alpha:7000", ("alpha", 7000)),
-        ("10.0.0.1:6321", ("10.0.0.1", 6321)),
-        ("[fe80::1]:6322", ("fe80::1", 6322)),
-        ("[fe80::1]", ("fe80::1", 6320)),
-    ],
-)
-def test_source_address(text: str, want: tuple[str, int]) -> None:
-    assert _split_host(text) == want
 
 
 def test_cli_restore_id_and_restore_connect(tmp_path: Any, capsys: Any) -> None:

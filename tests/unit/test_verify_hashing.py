@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from typing import Any
 
 import pytest
 
 from dtake.errors import DtakeError, E
 from dtake.service.apply import TargetTree, block_hashes_fd, file_digest_fd
-from dtake.service.source import BLOCK
+from dtake.service.source import BLOCK, Connection
 from dtake.service.verify import (
     BLOCKS,
     DIGEST,
+    _content_may_differ,
+    _Entry,
     _local_hashes_batch,
+    _needs_blocks,
+    _Pipeline,
     _RemoteHashes,
     digest_fd,
     target_digests_batch,
@@ -178,3 +184,55 @@ def test_a_target_error_other_than_unknown_request_is_not_a_fallback(tmp_path: A
         assert err.value.code == E.UNKNOWN and remote.how == DIGEST
     finally:
         tree.close()
+
+
+def test_a_closed_pipeline_drops_the_answer_boxes_of_its_outstanding_requests(
+    tmp_path: Any,
+) -> None:
+    # After an error the scan and the batches still outstanding are forgotten (their
+    # answers ignored); the boxes of other requests on the connection stay.
+    conn = Connection.__new__(Connection)
+    conn._ack_cond = threading.Condition()
+    conn._resp = {}
+    ids = itertools.count(1)
+
+    def start(op: str, **args: Any) -> tuple[int, Any]:
+        rid = next(ids)
+        conn._resp[rid] = []
+        return rid, None
+
+    conn._request_start = start  # type: ignore[method-assign]
+    p = _Pipeline(conn, lambda batch: None)
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    for _ in range(2):
+        p.add(_Entry(str(f), "f", os.lstat(f), "f", None))
+        p._flush()
+    conn._resp[99] = [{"more": True}]
+    assert sorted(conn._resp) == [1, 2, 3, 99]  # the scan, two batches, another's
+    p.close()
+    assert conn._resp == {99: [{"more": True}]}
+    conn._request_drop(99, 100)  # an unknown id is no error
+    assert conn._resp == {}
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "content", "blocks"),
+    [
+        ("f", "checksum differs", True, True),
+        ("f", "size differs (2 vs 1)", True, True),
+        ("f", "date/time differs", True, True),
+        ("f", "permissions differ", False, False),  # attributes only: no byte counted
+        ("f", "owner differs", False, False),
+        ("l", "link target differs", False, False),
+    ],
+)
+def test_which_differences_count_bytes_out_of_sync(
+    tmp_path: Any, kind: str, reason: str, content: bool, blocks: bool
+) -> None:
+    e = _Entry(str(tmp_path), "x", os.lstat(tmp_path), kind, None, reason)
+    assert _content_may_differ(e) is content
+    e.mine, e.theirs = b"a", b"b"  # digests: block lists are fetched to count the bytes
+    assert _needs_blocks(e) is blocks
+    e.mine, e.theirs = [1], [2]  # block lists already
+    assert not _needs_blocks(e)

@@ -1,0 +1,55 @@
+"""dtake/config.py: the one HOST[:PORT] parser (the CLI's targets, restore connect's
+source)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtake.config import DEFAULT_PORT, ServiceConfig, split_hostport
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("10.0.0.1", ("10.0.0.1", DEFAULT_PORT)),
+        ("10.0.0.1:6321", ("10.0.0.1", 6321)),
+        ("alpha", ("alpha", 6320)),
+        ("alpha:7000", ("alpha", 7000)),
+        ("[fe80::1]:6322", ("fe80::1", 6322)),
+        ("[fe80::1]", ("fe80::1", 6320)),
+        ("fe80::1", ("fe80::1", 6320)),  # bare v6: no port
+        ("::1", ("::1", 6320)),
+        ("alpha:1", ("alpha", 1)),
+        ("alpha:65535", ("alpha", 65535)),
+    ],
+)
+def test_split_hostport(text: str, want: tuple[str, int]) -> None:
+    assert split_hostport(text) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("alpha:x", "bad port 'x' in 'alpha:x': a number from 1 to 65535"),
+        ("alpha:", "bad port ''"),
+        ("alpha:0", "bad port '0'"),
+        ("alpha:65536", "bad port '65536'"),
+        ("alpha:-1", "bad port '-1'"),
+        ("alpha: 70", "bad port ' 70'"),
+        ("alpha:\u0667", "bad port '\u0667'"),  # a digit, but not an ASCII one
+        ("[fe80::1]:x", "bad port 'x'"),
+        ("[fe80::1]:", "bad port ''"),
+        ("[fe80::1]x", "expected ':PORT' after ']'"),
+        ("[fe80::1", "missing ']'"),
+        (":6320", "no host"),
+        ("[]:6320", "no host"),
+        ("", "no host"),
+    ],
+)
+def test_split_hostport_refuses_with_the_reason(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match="^" + says.replace("[", r"\[").replace("]", r"\]")):
+        split_hostport(text)
+
+
+def test_the_service_listens_on_the_default_port() -> None:
+    assert ServiceConfig().port == DEFAULT_PORT == 6320
