@@ -43,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import xxhash
@@ -108,21 +108,21 @@ class Item:
         """Accounted memory (constant for the item's life: path and op never change)."""
         return ITEM_OVERHEAD + len(self.path) + (op_cost(self.op) if self.op else 0)
 
-    def encode(self) -> bytes:
-        return bytes(
-            msgpack.packb(
-                [
-                    self.order,
-                    self.lazy,
-                    self.path,
-                    self.op.to_wire() if self.op else None,
-                    self.mode,
-                    self.meta or None,
-                    self.ino,
-                ],
-                use_bin_type=True,
-            )
-        )
+    def encode(self, packer: msgpack.Packer | None = None) -> bytes:
+        """The item's log record; ``packer``: one reused for a slice of items (packb
+        builds a Packer per call: a third of the cost of a walked item's record)."""
+        fields = [
+            self.order,
+            self.lazy,
+            self.path,
+            self.op.to_wire() if self.op else None,
+            self.mode,
+            self.meta or None,
+            self.ino,
+        ]
+        if packer is not None:
+            return cast(bytes, packer.pack(fields))
+        return cast(bytes, msgpack.packb(fields, use_bin_type=True))
 
     @classmethod
     def decode(cls, payload: bytes) -> Item:
@@ -459,7 +459,8 @@ class SourceQueue:
                 if room < 0:
                     break
                 split += 1
-        payloads = [item.encode() for item in items]
+        packer = msgpack.Packer(use_bin_type=True)
+        payloads = [item.encode(packer) for item in items]
         head = sum(len(p) + 8 for p in payloads[:split])
         tail = sum(len(p) + 8 for p in payloads[split:])
         # Free space for both parts; DiskQueueMaxSize for the part held only on disk
