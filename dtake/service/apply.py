@@ -75,6 +75,9 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024
 # resolves its path once). Emptied on every namespace change (rename, delete, a
 # directory replaced), after a failed op, and when the receiver goes idle.
 DIR_CACHE_MAX = 256
+# Two writers for a run of whole small files only while a file costs this much or more
+# to write (a moving average): see TargetTree.apply_whole_files.
+TWO_WRITERS_FROM_S = 50e-6
 PREALLOCATE_MIN = 1024 * 1024  # FILE_BEGIN sizes from this on are preallocated
 # Whole-file transfers of at least this size (FILE_BEGIN carries it) are written with
 # O_DIRECT where the writes are aligned: no copy into the page cache (see _write).
@@ -286,6 +289,8 @@ class TargetTree:
         self._dirs: dict[tuple[str, ...], tuple[int, bool]] = {}
         self._root_sgid = bool(os.fstat(self._root_fd).st_mode & stat.S_ISGID)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._file_s = 0.0  # moving average: wall time to write one whole small file
+        self._clock = time.perf_counter  # (a seam for the unit tests)
         self._dio_buf: mmap.mmap | None = None  # aligned buffer of direct writes
         self._handlers: dict[OpKind, Callable[[Op], None]] = {
             OpKind.MKDIR: self._mkdir,
@@ -904,9 +909,9 @@ class TargetTree:
 
     def apply_whole_files(self, ops: list[Op]) -> list[BaseException | None]:
         """Apply whole-file ops (FILE_END tagged ``whole``) for *distinct, independent*
-        paths (none is another's parent) two at a time: parents are resolved here, in
-        order; the file system calls of every other op run in a helper thread (they
-        release the GIL: creating files is kernel time). Returns each op's exception or
+        paths (none is another's parent), two at a time while the file system is slow:
+        parents are resolved here, in order; the file system calls of half of the ops
+        run in a helper thread (they release the GIL: creating files is kernel time). Returns each op's exception or
         None, in order. An op whose rename would have to remove a directory is redone
         here, after the others (independent paths: the order between them is free)."""
         with self._lock:
@@ -936,7 +941,15 @@ class TargetTree:
                     except Exception as exc:
                         out[n] = exc
 
-            if len(jobs) >= 8:
+            # A second writer pays only when the kernel's file creation is slow (ext4
+            # without a journal right after mass deletes: 200-500 us a file, which two
+            # threads overlap: 4.7-5.1 s instead of 7.0-7.8 s for 20,000 files). When a
+            # file takes ~10 us, the hand-offs and the second thread's CPU cost more than
+            # they save (one writer 0.70-1.01 s, two 0.80-1.09 s, same mirror, alternating):
+            # so two writers only while the average file costs TWO_WRITERS_FROM_S or more.
+            two = len(jobs) >= 8 and self._file_s >= TWO_WRITERS_FROM_S
+            t0 = self._clock()
+            if two:
                 # Two contiguous halves, cut at a directory boundary near the middle: a
                 # create or rename holds its directory's lock, so two threads working
                 # in one directory mostly wait on each other (measured: 20-30 % more
@@ -948,6 +961,12 @@ class TargetTree:
                 fut.result()
             else:
                 run(jobs)
+            if jobs:
+                # One writer's time per file (two writers: their wall time counted twice,
+                # an overestimate that keeps them a little longer once the file system
+                # is slow).
+                per = (self._clock() - t0) * (2 if two else 1) / len(jobs)
+                self._file_s = 0.7 * self._file_s + 0.3 * per
             for n in sorted(redo):
                 try:
                     self._file_whole(ops[n], split_rel(ops[n].path))

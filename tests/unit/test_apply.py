@@ -668,6 +668,7 @@ def test_apply_whole_files_in_two_threads(root: Path, tree: TargetTree, tmp_path
         small(f"{'ab'[i % 2]}/f{i}", bytes([i]) * i, mode=0o640, mtime_ns=MTIME) for i in range(20)
     ]
     ops[5] = small("esc/f5", b"PWNED")
+    tree._file_s = 1.0  # a slow file system: two writers
     results = tree.apply_whole_files(ops)
     assert [type(r) for r in results] == [type(None)] * 5 + [ConfinementError] + [type(None)] * 14
     for i in range(20):
@@ -735,6 +736,51 @@ def test_whole_op_that_fails_leaves_neither_a_new_name_nor_a_temp_file(
             tree.apply(small(path, b"data", mtime_ns=MTIME))
     assert listing(root) == ["keep"]
     assert (root / "keep").read_bytes() == b"keep me"
+
+
+def test_second_writer_only_while_files_are_slow_to_write(
+    root: Path, tree: TargetTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fast file creation: one writer (a helper thread would cost more than it saves).
+    Once writing a file takes TWO_WRITERS_FROM_S or more on average, half of each run
+    goes to the helper thread; fast again, back to one writer. The time each file takes
+    is scripted (a clock that the writes advance); the files are really written."""
+    import threading
+
+    import dtake.service.apply as apply_mod
+
+    writers: list[set[str]] = []
+    now = [0.0]
+    cost = [0.0]  # scripted wall time of one file (two writers overlap theirs)
+    lock = threading.Lock()
+    real = apply_mod.TargetTree._whole_at
+
+    def whole_at(self: Any, op: Op, *args: Any, **kw: Any) -> None:
+        with lock:
+            writers[-1].add(threading.current_thread().name)
+            now[0] += cost[0] / len(writers[-1])
+        real(self, op, *args, **kw)
+
+    monkeypatch.setattr(apply_mod.TargetTree, "_whole_at", whole_at)
+    tree._clock = lambda: now[0]
+
+    def run(n: int) -> int:
+        writers.append(set())
+        ops = [small(f"r{n}/d{i % 2}/f{i}", b"x") for i in range(16)]
+        assert tree.apply_whole_files(ops) == [None] * 16
+        return len(writers[-1])
+
+    cost[0] = 10e-6
+    assert [run(n) for n in range(3)] == [1, 1, 1]  # fast: one writer
+    cost[0] = 400e-6  # ext4 without a journal after mass deletes
+    slow = [run(n) for n in range(3, 9)]
+    assert slow[0] == 1 and slow[-1] == 2  # two once the average was slow
+    cost[0] = 10e-6
+    back = [run(n) for n in range(9, 20)]
+    assert back[0] == 2 and back[-1] == 1  # and back to one
+    assert all(
+        (root / f"r{n}/d{i % 2}/f{i}").read_bytes() == b"x" for n in range(20) for i in range(16)
+    )
 
 
 def test_whole_runs_are_independent_paths() -> None:
