@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 import uuid as uuidlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ SEND_TAKE = 32  # queue items the sender takes at a time
 WINDOW_BYTES = 64 * 1024 * 1024  # unacknowledged bytes in flight (at most)
 MIN_CHUNK = 4 * 1024
 WALK_SLICE = 1024  # mirror walk: entries per list (a huge directory comes in slices)
+SENT_INO_MAX = 16384  # recent sends whose inode a RENAME checks (_recheck_rename)
 WALK_PUT = 256  # mirror walk: items queued per put_lazy_many (one lock, one log write)
 BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
 SIG_CACHE_MAX_BLOCKS = 4 * 1024 * 1024
@@ -167,6 +168,9 @@ class Connection:
         self._hardlink_warned: set[str] = set()
         # Paths the sender found gone, until a RENAME or DELETE explains it (vanished.py).
         self._vanished = VanishedPaths()
+        # Which file (inode) was last sent under a path, for the recent sends: a RENAME
+        # of that path whose destination is now another file sends it (_recheck_rename).
+        self._sent_ino: OrderedDict[str, int] = OrderedDict()
         # Change journal resync: token presented at open, verdict, method shown in status.
         self.resync = ResyncState()
         # Counters read by dtake.service.metrics (with .get(key, 0)); all ints except
@@ -186,6 +190,7 @@ class Connection:
             "resent_ops": 0,  # ops sent again from the in-flight window after a reconnect
             "mirror_failures": 0,  # files a mirror could not send (unreadable, or refused)
             "vanished_resent": 0,  # paths found gone when read, sent after their RENAME
+            "replaced_resent": 0,  # renamed files whose old name was read as another file
             "last_file_touched": "",
         }
 
@@ -335,6 +340,7 @@ class Connection:
         self.svc.events.emit(event, con_id=self.rec.id)
         self.queue.clear()
         self._vanished.clear()
+        self._sent_ino.clear()
         self._sigs.clear()
         self._sig_blocks = 0
         datastate.source_event(self, DataEvent.OPS_LOST, why)
@@ -924,6 +930,8 @@ class Connection:
     def _process(self, item: Item) -> None:
         if item.op is not None:
             self._emit(item.op)
+            if self._sent_ino and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
+                self._recheck_rename(item.op)
             if self._vanished and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
                 self._explain_vanished(item.op)
             return
@@ -1043,6 +1051,7 @@ class Connection:
                 and self._send_small(fd, lst, r, path, mirror)
             ):
                 self.stats["files_sent"] += 1
+                self._note_sent(path, lst.st_ino)
                 return
             st = os.fstat(fd)
             blockwise = False
@@ -1064,8 +1073,50 @@ class Connection:
             else:
                 self._send_whole(fd, st, r, path, mirror)
             self.stats["files_sent"] += 1
+            self._note_sent(path, st.st_ino)
         finally:
             os.close(fd)
+
+    def _note_sent(self, path: str, ino: int) -> None:
+        sent = self._sent_ino
+        sent[path] = ino
+        sent.move_to_end(path)
+        if len(sent) > SENT_INO_MAX:
+            sent.popitem(last=False)
+
+    def _recheck_rename(self, op: Op) -> None:
+        """After a RENAME (or DELETE) of a file this connection sent recently: when the
+        file now at the new name is not the one sent under the old name, send it.
+
+        Log rotation racing the sender (``mv log log.1; create log`` before the sender
+        read a change of ``log``, or before the capture even reported it): the sender
+        read the *new* ``log`` and sent it under that name; the RENAME then moves that
+        content to ``log.1`` on the target, while the source's ``log.1`` is the old
+        file, which never went. Nothing would ever correct it. The inode the sender read
+        under ``log`` tells: ``log.1`` is another inode now, so it is sent (the new
+        ``log`` follows with its own event). The RENAME is processed after the send it
+        corrects (the change was queued before the rename event), in this thread.
+        Directories renamed over what was sent below them are not covered."""
+        base = self.base.rstrip("/")
+        src = f"{base}/{op.path}"
+        ino = self._sent_ino.get(src)
+        if ino is None or op.kind != OpKind.RENAME or not op.new_path:
+            self._sent_ino.pop(src, None)
+            return
+        dst = f"{base}/{op.new_path}"
+        try:
+            st = os.lstat(dst)
+        except OSError:
+            st = None  # gone again: a later RENAME or DELETE tells the target
+        if st is not None and stat.S_ISREG(st.st_mode):
+            if st.st_ino == ino:
+                self._note_sent(dst, ino)  # the file sent, under its new name
+            elif self.rules.matches(dst):
+                self.stats["replaced_resent"] += 1
+                self._process(Item(0, lazy=LazyKind.CONTENT, path=dst))
+        # Only now: a lost socket above processes the whole item again (the RENAME
+        # again, a no-op on the target, then this check).
+        self._sent_ino.pop(src, None)
 
     def _remember_sig(self, path: str, size: int, hashes: list[int] | None) -> None:
         old = self._sigs.pop(path, None)

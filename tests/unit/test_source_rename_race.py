@@ -177,3 +177,65 @@ def test_too_many_vanished_paths_remirror(pair: Pair, monkeypatch: Any) -> None:
         pair.event("closed_write", pair.src / name)  # never existed: gone when read
     pair.drain()
     assert gaps == ["too many paths vanished before they were sent"]
+
+
+@pytest.mark.parametrize("lagging", [False, True], ids=["queued-before", "capture-lagging"])
+def test_file_replaced_before_the_sender_reads_it(pair: Pair, lagging: bool) -> None:
+    """Log rotation racing the sender: ``log`` is written, renamed to ``log.1`` and a
+    new ``log`` is created before the sender reads the change. The sender sends the new
+    file's content under ``log``; the RENAME then moved *that* to ``log.1`` on the
+    target, silently (the old content never reached it). The sender remembers which
+    inode it sent under a name: a RENAME whose destination is another file now sends it.
+    ``lagging``: the capture dispatches the write event only after the rotation."""
+    log, old = pair.src / "log", pair.src / "log.1"
+    _write(log, "line 1\n")
+    pair.event("closed_write", log)
+    pair.drain()
+    with open(log, "a") as fh:
+        fh.write("line 2\n")  # same inode
+    if not lagging:
+        pair.event("closed_write", log)
+    os.rename(log, old)
+    _write(log, "new log\n")  # another inode under the old name
+    if lagging:
+        pair.event("closed_write", log)
+    pair.drain()  # reads the new "log"
+    pair.event("moved", log, dest=old)
+    pair.event("closed_write", log)
+    pair.drain()
+    assert tree_diff(str(pair.src), str(pair.dst)) == []
+    assert (pair.dst / "log.1").read_text() == "line 1\nline 2\n"
+
+
+def test_replaced_file_is_still_sent_after_a_lost_connection(pair: Pair) -> None:
+    """The connection is lost while the file found at the RENAME's new name is sent:
+    the rename item is processed again after the reconnect (the RENAME again, a no-op
+    on the target) and the check still sends that file."""
+    from dtake.service.source import _Gap
+
+    log, old = pair.src / "log", pair.src / "log.1"
+    _write(log, "old\n")
+    pair.event("closed_write", log)
+    pair.drain()
+    with open(log, "a") as fh:
+        fh.write("more\n")
+    os.rename(log, old)
+    _write(log, "new\n")
+    pair.event("closed_write", log)
+    pair.drain()  # the new "log" went under "log"
+    pair.event("moved", log, dest=old)
+    emit = pair.conn._emit
+    lost = [True]
+
+    def flaky(op: Op) -> None:
+        if op.path == "log.1" and lost[0]:
+            lost[0] = False
+            raise _Gap()
+        emit(op)
+
+    pair.conn._emit = flaky  # type: ignore[method-assign]
+    with pytest.raises(_Gap):
+        pair.conn._send_taken(pair.conn.queue.get_many(10, timeout=0))
+    pair.event("closed_write", log)
+    pair.drain()
+    assert tree_diff(str(pair.src), str(pair.dst)) == []
