@@ -380,6 +380,38 @@ def test_directory_renamed_before_the_capture_reports_it(tmp_path: Any, service:
     assert st["target_data_state"] == "OK"
 
 
+def test_log_rotated_before_the_capture_reports_it(tmp_path: Any, service: Factory) -> None:
+    """Log rotation racing the sender: ``log`` is appended to (queued, transmission
+    paused), then, while the capture thread is busy with a burst of events, rotated
+    (``mv log log.1``) and a new ``log`` created. The sender reads the new ``log`` for
+    the queued change; the RENAME used to move that content to ``log.1`` on the target,
+    where the old log never arrived (silently, the state said OK)."""
+    with small_inotify_queue(131072):  # room for the burst: no overflow, no remirror
+        src, dst, a, _b, cid = mirrored_pair(tmp_path, service)
+    burst = [os.path.join(src, "burst0"), os.path.join(src, "burst1")]
+    for f in burst:
+        open(f, "w").close()
+    log = os.path.join(src, "app.log")
+    with open(log, "w") as fh:
+        fh.write("line 1\n")
+    settle(a, cid)
+    a.call("transmit", con_id=cid, action="pause")
+    with open(log, "a") as fh:
+        fh.write("line 2\n")
+    time.sleep(0.5)  # captured and queued; nothing is sent while paused
+    for i in range(60000):  # alternating files: the kernel merges no event
+        os.chmod(burst[i % 2], 0o600 if i % 4 < 2 else 0o644)
+    os.rename(log, log + ".1")
+    with open(log, "w") as fh:
+        fh.write("new log\n")
+    a.call("transmit", con_id=cid, action="resume")
+    settle(a, cid)
+    time.sleep(0.5)
+    st = settle(a, cid)
+    assert_same(src, dst)
+    assert st["target_data_state"] == "OK"
+
+
 def test_active_active_loop_is_refused(tmp_path: Any, service: Factory) -> None:
     shared = str(tmp_path / "shared")
     os.makedirs(shared)
