@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian packages the lab, the tests and the benchmarks need (ruby: the Vagrantfile is
-# evaluated against a stub Vagrant in tests/unit/test_playbooks_vagrant.py).
+# evaluated against a stub Vagrant in tests/unit/test_playbooks_vagrant.py; libxml2-utils:
+# xmllint, which ocf-tester needs in tests/cluster/test_ocf_tester.py).
 APT_PACKAGES := pacemaker pacemaker-cli-utils corosync resource-agents fence-agents \
 	rsync lsyncd openssh-server openssh-client iproute2 procps psmisc util-linux \
-	python3-venv attr acl btrfs-progs lvm2 thin-provisioning-tools nftables ruby
+	python3-venv attr acl btrfs-progs lvm2 thin-provisioning-tools nftables ruby libxml2-utils
 PYTEST_ARGS ?=
 
 .PHONY: help deps venv lint typecheck test test-unit test-integration test-cluster test-infra demo demo-loopback bench clean

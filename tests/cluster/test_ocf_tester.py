@@ -56,9 +56,15 @@ sys.exit(rc)
 
 
 def _require() -> None:
-    missing = [t for t in ("ocf-tester", "unshare", "xmllint") if shutil.which(t) is None]
+    packages = {
+        "ocf-tester": "resource-agents",
+        "unshare": "util-linux",
+        "xmllint": "libxml2-utils",
+    }
+    missing = [t for t in packages if shutil.which(t) is None]
     if os.geteuid() != 0 or missing or not os.path.exists("/usr/bin/python3"):
-        msg = f"needs root and {', '.join(missing) or 'nothing else'} (apt-get install resource-agents)"
+        hint = " ".join(packages[t] for t in missing) or "resource-agents"
+        msg = f"needs root and {', '.join(missing) or 'nothing else'} (apt-get install {hint}; make deps installs them)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
