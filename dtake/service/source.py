@@ -143,6 +143,7 @@ class Connection:
         self._inflight_bytes = 0
         self._batch: list[Op] = []
         self._sent_notes: list[tuple[int, int]] = []  # queue.note_sent, one call a frame
+        self._holding = 0  # items the sender took from the queue and has not finished
         self._batch_bytes = 0
         self._unasked = 0  # bytes sent since the last frame that asked for an early ACK
         self._resp: dict[int, list[Any]] = {}
@@ -734,20 +735,25 @@ class Connection:
         would fail again); the items after it go back."""
         from dtake.protocol.errors import ProtocolError
 
-        for k, item in enumerate(items):
-            try:
-                self._item_order = item.order
-                self._process(item)
-            except _Gap:
-                self.queue.unget_many(items[k:])
-                raise
-            except ProtocolError as exc:
-                lost = getattr(exc, "reason", None) == "SEND_FAILED"
-                self.queue.unget_many(items[k:] if lost else items[k + 1 :])
-                raise
-            except BaseException:
-                self.queue.unget_many(items[k + 1 :])
-                raise
+        try:
+            for k, item in enumerate(items):
+                # Taken, not finished: still queued as far as idle() and the status go.
+                self._holding = len(items) - k
+                try:
+                    self._item_order = item.order
+                    self._process(item)
+                except _Gap:
+                    self.queue.unget_many(items[k:])
+                    raise
+                except ProtocolError as exc:
+                    lost = getattr(exc, "reason", None) == "SEND_FAILED"
+                    self.queue.unget_many(items[k:] if lost else items[k + 1 :])
+                    raise
+                except BaseException:
+                    self.queue.unget_many(items[k + 1 :])
+                    raise
+        finally:
+            self._holding = 0
 
     def _connect(self) -> bool:
         from dtake.protocol.auth import client_handshake
@@ -1313,6 +1319,7 @@ class Connection:
                 self._fs is not None
                 and self.mirror_status == "Idle"
                 and len(self.queue) == 0
+                and not self._holding
                 and not self._inflight
                 and not self._batch
                 and self.rec.target_data_state == "OK"
@@ -1342,7 +1349,7 @@ class Connection:
         mirror = self.mirror_status
         if mirror == "Mirroring" and self.mirror_queued_done and self.mirror_total:
             mirror = f"{min(99, int(100 * self.mirror_sent / max(1, self.mirror_total)))}%"
-        queued = len(self.queue)
+        queued = len(self.queue) + self._holding
         if self.replication == "Stopped":
             repl = "Stopped"
         elif self.replication == "Pending":

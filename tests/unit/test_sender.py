@@ -68,3 +68,20 @@ def test_a_local_failure_drops_only_its_item() -> None:
         conn._send_taken(items)
     assert done == ["a"]
     assert paths(conn.queue) == ["c", "d"]
+
+
+def test_items_taken_and_not_finished_count_as_queued() -> None:
+    """While the sender works through the items it took (a big file, a request to the
+    target), they are still queued for ``idle()`` (``dtake wait --idle``) and the
+    status' queued_items: the queue itself is empty then."""
+    conn: Any = Connection.__new__(Connection)
+    conn.queue = SourceQueue(1 << 20)
+    conn._item_order = 0
+    conn._holding = 0
+    seen: list[int] = []
+    conn._process = lambda item: seen.append(conn._holding)
+    for name in ("a", "b", "c"):
+        assert conn.queue.put_op(Op(OpKind.TRUNCATE, name, size=0))
+    conn._send_taken(conn.queue.get_many(3, timeout=0))
+    assert seen == [3, 2, 1] and len(conn.queue) == 0
+    assert conn._holding == 0  # all done
