@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dtake.config import DEFAULT_PORT
 from dtake.errors import DtakeError, E
 
 if TYPE_CHECKING:
@@ -620,7 +621,7 @@ class ReplicaManager:
         }
         uuids: list[str] = []
         for p in peers:
-            host, port = str(p["host"]), int(p.get("port", 6320))
+            host, port = str(p["host"]), int(p.get("port", DEFAULT_PORT))
             c = existing.pop((host, port), None)
             if c is None:
                 # (2)+(3) connect every other owner; difference mirror, orphans deleted
