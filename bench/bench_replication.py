@@ -25,7 +25,9 @@ Measured, each as dtake vs its peer on the same data in the same run:
 Goals (issue 2): both mirrors ratio >= 1.0 (rsync time / dtake time), differences
 >= 2.0, p50 latency <= 100 ms. Trees are compared byte for byte after every timed run
 (untimed). Timed runs follow a ``sync``; replaced trees go to a graveyard that is emptied
-at exit (ext4 without a journal makes file creation slow after a mass delete).
+at exit (ext4 without a journal makes file creation slow after a mass delete), and each
+many-file run waits until creating a file is cheap again (``settle_fs``: replaced files
+free inodes too, and the next 60 s of file creation pay for them, whichever tool runs).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from bench.common import (
     percentile,
     process_cpu,
     render_table,
+    settle_fs,
     stop_pid,
     summary,
     sync_fs,
@@ -473,6 +476,7 @@ class Results:
     rss_small: list[dict[str, Any]] = field(default_factory=list)
     conn_stats: list[dict[str, Any]] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
+    fs_probes: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Bench:
@@ -522,6 +526,14 @@ class Bench:
         finally:
             pair.stop()
 
+    def settle(self, what: str) -> None:
+        """Before a timed many-file run: wait out ext4's recently-freed-inode slowdown
+        (bench.common.settle_fs), and record the file system's state."""
+        probe = settle_fs(self.dst, log=lambda m: log(f"{what}: {m}"))
+        self.res.fs_probes.append({"before": what, **probe})
+        if not probe["settled"]:
+            log(f"{what}: still slow after {probe['waited_s']} s ({probe['us']} us a file)")
+
     def _rsync(self, src: str, name: str) -> float:
         sync_fs()
         return self.rsyncd.push(src, name)
@@ -532,7 +544,7 @@ class Bench:
         dst_d = os.path.join(self.dst, name_d)
 
         def dtake() -> None:
-            sync_fs()
+            self.settle(f"run {r}: small dtake")
             src_rss = RssSampler(pair.a.proc.pid if pair.a.proc else 0)
             dst_rss = RssSampler(pair.b.proc.pid if pair.b.proc else 0)
             idle_kib = src_rss.rss_kib() or 0
@@ -598,6 +610,7 @@ class Bench:
             log(f"run {r}: small dtake {first:.2f}s (confirmed {confirmed:.2f}s)")
 
         def rsync() -> None:
+            self.settle(f"run {r}: small rsync")
             t = self._rsync(self.src_small, name_r)
             self.res.small_rsync.append(t)
             log(f"run {r}: small rsync {t:.2f}s")
@@ -630,7 +643,7 @@ class Bench:
         expected = tree_digest(self.src_small)
 
         def dtake() -> None:
-            sync_fs()
+            self.settle(f"run {r}: {name} dtake")
             pids = dict(zip(("source", "target"), pair.pids(), strict=True))
             with self.prof.record(pids, f"{name.replace(' ', '-')}-run{r}"):
                 cid, first, confirmed = pair.timed_mirror(
@@ -649,6 +662,7 @@ class Bench:
             log(f"run {r}: {name} dtake {first:.3f}s ({len(changed)} files changed)")
 
         def rsync() -> None:
+            self.settle(f"run {r}: {name} rsync")
             t = self._rsync(self.src_small, os.path.basename(dst_r))
             r_list.append(t)
             log(f"run {r}: {name} rsync {t:.3f}s")
@@ -838,6 +852,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['cpus']} CPUs, load {info['loadavg_at_start']}, fs {info.get('fs')})"
     )
     print(render_table(rows, title))
+    if res.fs_probes:
+        us = [p["us"] for p in res.fs_probes]
+        waited = sum(p["waited_s"] for p in res.fs_probes)
+        print(
+            f"file creation before the many-file runs: {min(us):.0f}-{max(us):.0f} us a file "
+            f"(waited {waited:.0f} s in all for recently freed inodes: bench.common.settle_fs)"
+        )
     if res.mismatches:
         print("TREES DIFFER:\n  " + "\n  ".join(res.mismatches))
     doc = {
@@ -874,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_big": res.rss_big,
             "rss_small": res.rss_small,
             "connection_stats": res.conn_stats,
+            "fs_probes": res.fs_probes,
         },
         "mismatches": res.mismatches,
     }

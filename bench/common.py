@@ -28,6 +28,7 @@ __all__ = [
     "machine_info",
     "percentile",
     "render_table",
+    "settle_fs",
     "stop_pid",
     "summary",
     "sync_fs",
@@ -53,6 +54,53 @@ def timed(out: list[float]) -> Iterator[None]:
 def sync_fs() -> None:
     """Flush dirty data before a timed run, so no earlier write is paid for inside it."""
     os.sync()
+
+
+def probe_create_us(parent: str, n: int = 300) -> float:
+    """Microseconds per empty-file creation in a new directory under ``parent`` (the
+    files stay: deleting them would start the very slowdown this measures)."""
+    d = os.path.join(parent, f"probe-{time.time_ns()}")
+    os.makedirs(d)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    t = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(os.path.join(d, str(i)), flags, 0o644))
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def settle_fs(
+    parent: str,
+    *,
+    fast_us: float = 60.0,
+    max_wait_s: float = 120.0,
+    poll_s: float = 5.0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Wait until creating a file is cheap again before a timed many-file run.
+
+    On ext4 without a journal the inode allocator skips, one by one, every inode freed
+    in the last 60 s (360 s while its inode-table block is dirty): ``recently_deleted()``
+    in fs/ext4/ialloc.c. Replacing files (both tools' temp file + rename frees the old
+    inode) or deleting a tree puts the file system in that state, and a file then costs
+    100-500 us to create instead of ~10-25 us, for whichever tool comes next. This
+    syncs (clean blocks: the 60 s window), probes, and waits while the probe is slow,
+    so every tool's timed run starts in the same, steady state. Returns the probe
+    figures (recorded with the results)."""
+    sync_fs()
+    t0 = time.monotonic()
+    first = us = probe_create_us(parent)
+    while us > fast_us and time.monotonic() - t0 < max_wait_s:
+        if log is not None:
+            log(f"file creation costs {us:.0f} us (recently freed inodes); waiting")
+        time.sleep(poll_s)
+        sync_fs()
+        us = probe_create_us(parent)
+    return {
+        "first_us": round(first, 1),
+        "us": round(us, 1),
+        "waited_s": round(time.monotonic() - t0, 1),
+        "settled": us <= fast_us,
+    }
 
 
 def percentile(values: Sequence[float], p: float) -> float:
