@@ -515,8 +515,7 @@ class Connection:
         touched: set[str] = set()
         for chunk in walk:
             # pause/cancel checks once per directory (the loops below are kept tight)
-            while self._mirror_pause.is_set() and not cancel.is_set():
-                time.sleep(0.05)
+            self._mirror_hold(cancel)
             if cancel.is_set() or stopped.is_set():
                 return
             parent = os.path.dirname(chunk[0][0])  # a chunk is one directory's entries
@@ -538,6 +537,7 @@ class Connection:
             if wrote:
                 touched.add(parent)
         for d in sorted(touched, key=lambda p: -p.count("/")):  # deepest first
+            self._mirror_hold(cancel)
             if cancel.is_set() or stopped.is_set():
                 return
             self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
@@ -552,6 +552,13 @@ class Connection:
         if not cancel.is_set():
             self.mirror_queued_done = True
             self.queue.put_marker(LazyKind.MIRROR_END, mode=mode)
+
+    def _mirror_hold(self, cancel: threading.Event) -> None:
+        """While the mirror is paused (``dtake mirror pause``), wait: a mirror queues
+        nothing more until it is resumed, cancelled or the connection stops. What it
+        queued before goes on being sent."""
+        while self._mirror_pause.is_set() and not cancel.is_set() and not self._stop.is_set():
+            time.sleep(0.05)
 
     def _queue_walked(
         self,
