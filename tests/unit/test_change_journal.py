@@ -193,6 +193,7 @@ class _Conn:
     _queue_walked = Connection._queue_walked
     _put_walked = Connection._put_walked
     _mirror_hold = Connection._mirror_hold
+    _entry_kind = Connection._entry_kind
     rel = Connection.rel
 
     def __init__(self, base: str) -> None:
