@@ -17,6 +17,8 @@ import time
 from collections import deque
 from typing import Any
 
+from dtake.config import DEFAULT_PORT
+
 __all__ = ["EVENTS", "JOURNAL_SOCKET", "EventLog"]
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -132,7 +134,10 @@ EVENTS: dict[int, tuple[str, str]] = {
         "info",
         "Service has stopped replication to {target} for Replication Set {repset}, ID: {con_id}",
     ),
-    4045: ("warning", "The port {port} is out of range; the default port 6320 is used"),
+    4045: (
+        "warning",
+        f"The port {{port}} is out of range; the default port {DEFAULT_PORT} is used",
+    ),
     4046: ("error", "The port {port} is in use by another application"),
     4058: (
         "info",

@@ -472,7 +472,9 @@ def _order(path: str) -> list[str]:
 
 
 def replay(conn: Connection, marks: dict[str, int], mode: str, cancel: threading.Event) -> None:
-    """Queue the journal's paths as the walked mirror would queue them, then MIRROR_END."""
+    """Queue the journal's paths as the walked mirror would queue them, then MIRROR_END.
+    A paused mirror queues nothing more until it is resumed, as the walk
+    (``Connection._mirror_hold``, checked before each path, directory and attribute op)."""
     from dtake.ops import Op, OpKind
     from dtake.service.queue import LazyKind
     from dtake.service.source import BIG_FILE, _Gap
@@ -494,7 +496,9 @@ def replay(conn: Connection, marks: dict[str, int], mode: str, cancel: threading
     # always sends it (with several roots the base itself is not watched).
     attrs: set[str] = {base} if os.path.isdir(base) else set()
     total = 0
+    hold = conn._mirror_hold
     for path in sorted(marks, key=_order):
+        hold(cancel)
         if halt():
             return
         flags = marks[path]
@@ -541,6 +545,7 @@ def replay(conn: Connection, marks: dict[str, int], mode: str, cancel: threading
             if flags & SUBTREE:
                 walked.add(path)
                 for chunk in conn._walk_dirs(path):
+                    hold(cancel)
                     if halt():
                         return
                     attrs.update(p for p, est in chunk if stat.S_ISDIR(est.st_mode))
@@ -567,6 +572,7 @@ def replay(conn: Connection, marks: dict[str, int], mode: str, cancel: threading
                 put(LazyKind.ATTRS, path)
         conn.mirror_total = total
     for d in sorted(attrs, key=lambda p: -p.count("/")):  # deepest first, as the walk
+        hold(cancel)
         if halt():
             return
         put(LazyKind.ATTRS, d)

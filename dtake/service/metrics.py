@@ -6,7 +6,8 @@ TargetState, Start Time, Rep/Mir ops and bytes, failed mirror/replication reads)
 TARGET (one block per source: ops received, retries, drops, ops remaining, orphans
 removed, target queue bytes), SOURCE (auto (dis)connects, last file touched) and
 CONNECTION (one block per connection: conState, queues, bytes before and after
-compression, resent ops, disk queue, bandwidth limit, mirror progress). Fields with no
+compression, resent ops, disk queue, bandwidth limit, mirror progress, and dtake's own
+conVanishedResentCount/conReplacedResentCount: paths sent again after a rename). Fields with no
 Linux meaning (allocators, activation codes, driver queue, task commands, separate
 mirror queues) are left out, never shown as a made-up 0 (docs/data-safety.md). The exposition format is written by hand
 (text format 0.0.4), so no extra dependency is needed.
@@ -127,6 +128,8 @@ def collect(svc: Service) -> dict[str, Any]:
                 "conBytesTx": c.get("bytes_sent_uncompressed", c["stats"].get("bytes_sent", 0)),
                 "conBytesCompressedTx": c.get("bytes_sent_compressed", 0),
                 "conResentOpCount": c["stats"].get("resent_ops", 0),
+                "conVanishedResentCount": c["stats"].get("vanished_resent", 0),
+                "conReplacedResentCount": c["stats"].get("replaced_resent", 0),
                 "conBytesInDiskQueue": q.get("disk_bytes", 0),
                 "conBandwidthLimit": "Unlimited" if not limit else f"{limit:g} kbps",
                 "conBytesSkipped": c["stats"].get("mirror_bytes_skipped", 0),
@@ -195,6 +198,8 @@ def render_dtstat(d: dict[str, Any]) -> str:
             f"   conBytesCompressedTx: {c['conBytesCompressedTx']}",
             f"   conResentOpCount: {c['conResentOpCount']} "
             f"conBytesInDiskQueue: {c['conBytesInDiskQueue']}",
+            f"   conVanishedResentCount: {c['conVanishedResentCount']} "
+            f"conReplacedResentCount: {c['conReplacedResentCount']}",
             f"   conBandwidthLimit: {c['conBandwidthLimit']} "
             f"conBytesSkipped: {c['conBytesSkipped']}",
             f"   conMirrorPercent: {'' if pct is None else f'{pct:.1f}%'}",
@@ -252,6 +257,18 @@ def exposition(svc: Service) -> str:
         "counter",
         "conResentOpCount",
         [(lb, c["conResentOpCount"]) for lb, c in cl],
+    )
+    metric(
+        "con_vanished_resent_total",
+        "counter",
+        "conVanishedResentCount",
+        [(lb, c["conVanishedResentCount"]) for lb, c in cl],
+    )
+    metric(
+        "con_replaced_resent_total",
+        "counter",
+        "conReplacedResentCount",
+        [(lb, c["conReplacedResentCount"]) for lb, c in cl],
     )
     metric(
         "con_bytes_in_disk_queue",

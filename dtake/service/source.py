@@ -278,13 +278,28 @@ class Connection:
         return self._enqueue_entry(top, st, mode)
 
     def _enqueue_entry(self, path: str, st: os.stat_result, mode: str) -> bool:
-        if stat.S_ISDIR(st.st_mode):
-            return self.queue.put_lazy(LazyKind.MKDIR, path)
-        if stat.S_ISLNK(st.st_mode):
-            return self.queue.put_lazy(LazyKind.SYMLINK, path)
-        if stat.S_ISREG(st.st_mode):
-            return self.queue.put_lazy(LazyKind.CONTENT, path, mode=mode)
-        return True
+        """Queue one entry (moved into the set, or below such a directory) by the mirror
+        walk's kind rules (``_entry_kind``)."""
+        kind = self._entry_kind(path, st)
+        if kind is None:
+            return True
+        return self.queue.put_lazy(kind, path, mode=mode, ino=st.st_ino)
+
+    def _entry_kind(self, path: str, st: os.stat_result) -> str | None:
+        """The queue item an entry goes as, by its ``lstat``: one copy of the kind rules
+        for the mirror walk, the journal replay's new directories and real time. A
+        directory is MKDIR, a symbolic link SYMLINK, a hard-linked file nothing (event
+        4099 [L3756]), anything else CONTENT: the sender sends a regular file and drops
+        a FIFO, socket or device when it reads it (as after a real-time creation)."""
+        fmt = st.st_mode & 0o170000
+        if fmt == stat.S_IFDIR:
+            return LazyKind.MKDIR
+        if fmt == stat.S_IFLNK:
+            return LazyKind.SYMLINK
+        if st.st_nlink > 1:
+            self._warn_hardlink(path)
+            return None
+        return LazyKind.CONTENT
 
     def _walk(self, top: str) -> Iterator[tuple[str, os.stat_result]]:
         """Entries below `top` selected by the rules (dirs before their contents)."""
@@ -515,8 +530,7 @@ class Connection:
         touched: set[str] = set()
         for chunk in walk:
             # pause/cancel checks once per directory (the loops below are kept tight)
-            while self._mirror_pause.is_set() and not cancel.is_set():
-                time.sleep(0.05)
+            self._mirror_hold(cancel)
             if cancel.is_set() or stopped.is_set():
                 return
             parent = os.path.dirname(chunk[0][0])  # a chunk is one directory's entries
@@ -538,6 +552,7 @@ class Connection:
             if wrote:
                 touched.add(parent)
         for d in sorted(touched, key=lambda p: -p.count("/")):  # deepest first
+            self._mirror_hold(cancel)
             if cancel.is_set() or stopped.is_set():
                 return
             self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
@@ -553,6 +568,13 @@ class Connection:
             self.mirror_queued_done = True
             self.queue.put_marker(LazyKind.MIRROR_END, mode=mode)
 
+    def _mirror_hold(self, cancel: threading.Event) -> None:
+        """While the mirror is paused (``dtake mirror pause``), wait: a mirror queues
+        nothing more until it is resumed, cancelled or the connection stops. What it
+        queued before goes on being sent."""
+        while self._mirror_pause.is_set() and not cancel.is_set() and not self._stop.is_set():
+            time.sleep(0.05)
+
     def _queue_walked(
         self,
         chunk: list[tuple[str, os.stat_result]],
@@ -562,32 +584,28 @@ class Connection:
         *,
         big_mode: str | None = None,
     ) -> tuple[int, bool] | None:
-        """Queue walked entries (a ``_walk_dirs`` list) by the mirror walk's kind rules:
-        a directory as MKDIR, a symbolic link as SYMLINK, a hard-linked file not at all
-        (reported), anything else as CONTENT in ``mode`` (``big_mode``, if given, for
-        files of BIG_FILE bytes or more). They go in slices of ``put_lazy_many`` (one
-        lock round trip and one log write each), small enough for a small queue's flow
-        control, with the inode the walk saw. ``total``: the file bytes counted so far
-        (``mirror_total``, set before each slice goes). Returns ``total`` with these
-        files added and whether anything was queued; None when the mirror was cancelled.
-        """
-        IFMT, IFDIR, IFLNK = 0o170000, stat.S_IFDIR, stat.S_IFLNK
+        """Queue walked entries (a ``_walk_dirs`` list) by the mirror walk's kind rules
+        (``_entry_kind``): directories and symbolic links in mode "full", CONTENT in
+        ``mode`` (``big_mode``, if given, for files of BIG_FILE bytes or more). They go
+        in slices of ``put_lazy_many`` (one lock round trip and one log write each),
+        small enough for a small queue's flow control, with the inode the walk saw.
+        ``total``: the file bytes counted so far (``mirror_total``, set before each
+        slice goes). Returns ``total`` with these files added and whether anything was
+        queued; None when the mirror was cancelled."""
+        kind_of, CONTENT = self._entry_kind, LazyKind.CONTENT
         slice_items = max(1, min(WALK_PUT, self.queue.budget // 16 // 1024))
         wrote = False
         batch: list[tuple[str, str, str, int]] = []
         for path, st in chunk:
-            fmt = st.st_mode & IFMT
-            if fmt == IFDIR:
-                batch.append((LazyKind.MKDIR, path, "full", st.st_ino))
-            elif fmt == IFLNK:
-                batch.append((LazyKind.SYMLINK, path, "full", st.st_ino))
-            elif st.st_nlink > 1:
-                self._warn_hardlink(path)
+            kind = kind_of(path, st)
+            if kind is None:
                 continue
-            else:
+            if kind == CONTENT:
                 total += st.st_size
                 m = big_mode if big_mode is not None and st.st_size >= BIG_FILE else mode
-                batch.append((LazyKind.CONTENT, path, m, st.st_ino))
+                batch.append((CONTENT, path, m, st.st_ino))
+            else:
+                batch.append((kind, path, "full", st.st_ino))
             if len(batch) >= slice_items:
                 self.mirror_total = total  # before the sender can count the bytes
                 if not self._put_walked(batch, cancel):

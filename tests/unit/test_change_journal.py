@@ -1,11 +1,12 @@
 """Change journal (dtake/service/journal.py): marking rules, the bound, the replay's
-order and ops (against a recording queue), and the target's detach tokens (real
-inotify on a temporary directory)."""
+order and ops (against a recording queue; its pause against a real connection and
+target tree), and the target's detach tokens (real inotify on a temporary directory)."""
 
 from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,8 @@ from dtake.service.journal import (
     replay,
 )
 from dtake.service.source import BIG_FILE, Connection
+from dtake.testing import tree_diff
+from tests.unit.source_support import Pair, write
 
 B = "/data"
 
@@ -189,6 +192,8 @@ class _Conn:
     _walk_dirs = Connection._walk_dirs
     _queue_walked = Connection._queue_walked
     _put_walked = Connection._put_walked
+    _mirror_hold = Connection._mirror_hold
+    _entry_kind = Connection._entry_kind
     rel = Connection.rel
 
     def __init__(self, base: str) -> None:
@@ -197,6 +202,7 @@ class _Conn:
         self.queue = _Queue()
         self.svc = _Svc()
         self._stop = threading.Event()
+        self._mirror_pause = threading.Event()
         self.mirror_total = 0
         self.mirror_queued_done = False
         self.warned: list[str] = []
@@ -327,6 +333,66 @@ def test_replay_of_a_cancelled_mirror_queues_no_end(tmp_path: Any) -> None:
     cancel.set()
     replay(conn, {f"{base}/f": ENTRY}, "differences", cancel)  # type: ignore[arg-type]
     assert conn.queue.items == [] and not conn.mirror_queued_done
+
+
+def test_replay_of_a_paused_mirror_queues_nothing_more_until_resumed(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # `dtake mirror pause` right after the replay queued its first item: while paused
+    # nothing more is queued (what was queued is sent); resumed, it ends with equal trees.
+    pair = Pair(tmp_path, disk_queue=False)
+    conn, src = pair.conn, pair.src
+    try:
+        for i in range(8):
+            write(src / f"f{i}", f"file {i}")
+        write(src / "old" / "x", "old")
+        conn._enqueue_subtree(str(src), "realtime")
+        pair.drain()  # the target has the tree
+        j = ChangeJournal(("rs", "h", 1, str(pair.dst)), conn.rules, max_paths=100)
+        for i in range(8):
+            write(src / f"f{i}", f"file {i}, changed while disconnected")
+            j.mark_event("closed_write", str(src / f"f{i}"))
+        write(src / "new" / "a" / "leaf", "new")
+        j.mark_event("mkdir", str(src / "new"), is_dir=True)
+        (src / "old" / "x").unlink()
+        (src / "old").rmdir()
+        j.mark_event("deleted", str(src / "old"), is_dir=True)
+
+        queued: list[str] = []  # the queue's put calls
+
+        def spying(name: str) -> Any:
+            real = getattr(conn.queue, name)
+
+            def spy(*args: Any, **kw: Any) -> Any:
+                queued.append(name)
+                if len(queued) == 1:
+                    conn.pause_mirror()
+                return real(*args, **kw)
+
+            return spy
+
+        for name in ("put_lazy", "put_lazy_many", "put_delete", "put_marker"):
+            monkeypatch.setattr(conn.queue, name, spying(name))
+        conn.mirror_status = "Mirroring"  # as start_mirror sets it
+        cancel = threading.Event()
+        t = threading.Thread(target=replay, args=(conn, j.marks, "differences", cancel))
+        t.start()
+        try:
+            t.join(0.5)
+            pair.drain()  # what was queued before the pause goes on being sent
+            t.join(0.3)
+            assert t.is_alive() and queued == ["put_lazy"] and not conn.mirror_queued_done
+            assert (pair.dst / "f0").read_text() == "file 0, changed while disconnected"
+            assert (pair.dst / "f1").read_text() == "file 1"  # not queued: not sent
+            conn.resume_mirror()
+            t.join(10)
+        finally:
+            cancel.set()
+        assert not t.is_alive() and conn.mirror_queued_done
+        pair.drain()
+        assert tree_diff(str(src), str(pair.dst), dir_mtimes=True) == []
+    finally:
+        pair.close()
 
 
 # --- target detach tokens ----------------------------------------------------------------

@@ -3,8 +3,14 @@ source)."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import dtake
 from dtake.config import DEFAULT_PORT, ServiceConfig, split_hostport
 
 
@@ -53,3 +59,47 @@ def test_split_hostport_refuses_with_the_reason(text: str, says: str) -> None:
 
 def test_the_service_listens_on_the_default_port() -> None:
     assert ServiceConfig().port == DEFAULT_PORT == 6320
+
+
+def test_event_4045_names_the_default_port_it_falls_back_to() -> None:
+    # The number comes from DEFAULT_PORT: another default shows in the text.
+    code = (
+        "import dtake.config\n"
+        "dtake.config.DEFAULT_PORT = 7011\n"
+        "from dtake.service.events import EVENTS\n"
+        "print(EVENTS[4045][1].format(port=80))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    assert out == "The port 80 is out of range; the default port 7011 is used\n"
+
+
+def _spelled_out_ports(path: Path) -> list[int]:
+    """Lines of a module whose code (docstrings and comments aside) holds 6320."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and id(node) not in docstrings
+        and (node.value == 6320 or (isinstance(node.value, str) and "6320" in node.value))
+    ]
+
+
+def test_the_code_uses_default_port_rather_than_spelling_it_out() -> None:
+    package = Path(dtake.__file__).parent
+    found = {
+        str(p.relative_to(package)): lines
+        for p in sorted(package.rglob("*.py"))
+        if p.name != "config.py" and (lines := _spelled_out_ports(p))
+    }
+    assert found == {}

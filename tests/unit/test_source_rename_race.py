@@ -14,78 +14,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from dtake.config import QueueConfig
 from dtake.ops import Op
-from dtake.rules import RuleSet
-from dtake.service.apply import TargetTree
-from dtake.service.source import Connection, ConnRecord
 from dtake.testing import tree_diff
-
-
-class _Events:
-    def __init__(self) -> None:
-        self.emitted: list[tuple[int, dict[str, Any]]] = []
-
-    def emit(self, eid: int, **kw: Any) -> None:
-        self.emitted.append((eid, kw))
-
-
-def _write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(data)
-
-
-class Pair:
-    """A source connection whose sender is driven by hand, and its target tree."""
-
-    def __init__(self, tmp_path: Path, *, disk_queue: bool) -> None:
-        self.src = tmp_path / "src"
-        self.dst = tmp_path / "dst"
-        self.src.mkdir()
-        qfolder = tmp_path / "queue"
-        qfolder.mkdir()
-        qcfg = QueueConfig(
-            memory_max_mb=16,
-            disk_folder=str(qfolder),
-            disk_max_mb=None if disk_queue else 0,
-            disk_free_min_mb=0,
-        )
-        svc = SimpleNamespace(
-            cfg=SimpleNamespace(queue=qcfg, auto_remirror=False),
-            features={},
-            events=_Events(),
-            is_internal=lambda _p: False,
-        )
-        rec = ConnRecord(id=1, repset="rs", host="127.0.0.1", port=1, target_path=str(self.dst))
-        self.conn = Connection(svc, rec, RuleSet.from_list([f"{self.src} inc, rec"]))  # type: ignore[arg-type]
-        self.sent: list[Op] = []
-        self.conn._emit = self.sent.append  # type: ignore[method-assign]
-        self.tree = TargetTree(str(self.dst))
-
-    def event(
-        self, kind: str, path: Path, *, is_dir: bool = False, dest: Path | None = None
-    ) -> None:
-        """The capture thread dispatches one event."""
-        self.conn.on_change(
-            kind, str(path), is_dir=is_dir, dest=None if dest is None else str(dest)
-        )
-
-    def drain(self) -> None:
-        """The sender takes and sends everything queued; the target applies it."""
-        while (item := self.conn.queue.get(timeout=0)) is not None:
-            self.conn._process(item)
-        for op in self.sent:
-            self.tree.apply(op)
-        self.sent.clear()
-
-    def close(self) -> None:
-        self.tree.close()
-        self.conn.queue.close()
+from tests.unit.source_support import Pair, write
 
 
 @pytest.fixture(params=[False, True], ids=["memory-queue", "disk-queue"])
@@ -98,8 +33,8 @@ def pair(request: Any, tmp_path: Path) -> Any:
 def test_new_directory_renamed_before_the_sender_reads_it(pair: Pair) -> None:
     d, moved = pair.src / "d001", pair.src / "d001-moved"
     d.mkdir()
-    _write(d / "f0000", "zero")
-    _write(d / "f0001", "one")
+    write(d / "f0000", "zero")
+    write(d / "f0001", "one")
     pair.event("mkdir", d, is_dir=True)
     pair.event("closed_write", d / "f0000")
     pair.event("closed_write", d / "f0001")
@@ -112,12 +47,12 @@ def test_new_directory_renamed_before_the_sender_reads_it(pair: Pair) -> None:
 
 def test_atomic_save_renamed_before_the_sender_reads_the_temp_file(pair: Pair) -> None:
     real = pair.src / "config"
-    _write(real, "version 1")
+    write(real, "version 1")
     pair.event("closed_write", real)
     pair.drain()
     assert (pair.dst / "config").read_text() == "version 1"
     tmp = pair.src / "config.tmp"
-    _write(tmp, "version 2, longer")
+    write(tmp, "version 2, longer")
     pair.event("closed_write", tmp)
     os.rename(tmp, real)  # the usual write-then-rename save
     pair.drain()
@@ -129,7 +64,7 @@ def test_atomic_save_renamed_before_the_sender_reads_the_temp_file(pair: Pair) -
 def test_renamed_twice_before_either_event(pair: Pair) -> None:
     d = pair.src / "a"
     d.mkdir()
-    _write(d / "f", "data")
+    write(d / "f", "data")
     pair.event("mkdir", d, is_dir=True)
     pair.event("closed_write", d / "f")
     os.rename(d, pair.src / "b")
@@ -144,7 +79,7 @@ def test_renamed_twice_before_either_event(pair: Pair) -> None:
 
 def test_deleted_before_the_sender_reads_it_is_forgotten(pair: Pair) -> None:
     f = pair.src / "gone"
-    _write(f, "x")
+    write(f, "x")
     pair.event("closed_write", f)
     os.unlink(f)
     pair.drain()
@@ -188,7 +123,7 @@ def test_file_replaced_before_the_sender_reads_it(pair: Pair, lagging: bool) -> 
     inode it sent under a name: a RENAME whose destination is another file now sends it.
     ``lagging``: the capture dispatches the write event only after the rotation."""
     log, old = pair.src / "log", pair.src / "log.1"
-    _write(log, "line 1\n")
+    write(log, "line 1\n")
     pair.event("closed_write", log)
     pair.drain()
     with open(log, "a") as fh:
@@ -196,7 +131,7 @@ def test_file_replaced_before_the_sender_reads_it(pair: Pair, lagging: bool) -> 
     if not lagging:
         pair.event("closed_write", log)
     os.rename(log, old)
-    _write(log, "new log\n")  # another inode under the old name
+    write(log, "new log\n")  # another inode under the old name
     if lagging:
         pair.event("closed_write", log)
     pair.drain()  # reads the new "log"
@@ -214,13 +149,13 @@ def test_replaced_file_is_still_sent_after_a_lost_connection(pair: Pair) -> None
     from dtake.service.source import _Gap
 
     log, old = pair.src / "log", pair.src / "log.1"
-    _write(log, "old\n")
+    write(log, "old\n")
     pair.event("closed_write", log)
     pair.drain()
     with open(log, "a") as fh:
         fh.write("more\n")
     os.rename(log, old)
-    _write(log, "new\n")
+    write(log, "new\n")
     pair.event("closed_write", log)
     pair.drain()  # the new "log" went under "log"
     pair.event("moved", log, dest=old)
