@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from dtake.errors import DtakeError, E
+from dtake.port import DEFAULT_PORT  # in a module of its own: dtsetup imports it there
 
 __all__ = [
     "DEFAULT_PORT",
@@ -25,8 +26,6 @@ __all__ = [
     "load_schema",
     "split_hostport",
 ]
-
-DEFAULT_PORT = 6320
 
 SYSTEM_DIRS = (
     "/",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dtake.port import DEFAULT_PORT  # not dtake.config: it imports PyYAML
 from dtsetup import paths
 from dtsetup.reports import Code, Report, Severity, error, has_errors, warning
 from dtsetup.schema import KEYS, SECRET_KEYS, iter_issues  # KEYS: re-exported, export order
@@ -42,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "DISKQUEUEMAXSIZE": "UNLIMITED",  # "By default, the disk space is set to Unlimited" [L529]
     "DISKFREESPACEMIN": 50,  # the sample's value [L578]; 50 MB per EXT-B (not from seed)
     "DTSERVICESTARTUP": True,  # the sample's value [L580]
-    "PORT": 6320,  # [L1325, L1679]
+    "PORT": DEFAULT_PORT,  # [L1325, L1679]
     "SET_FWPORT": True,  # the sample's value [L584]
 }
 

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from dtake.config import DEFAULT_PORT
 from playbooks.cli import ensure_key
 from playbooks.cluster import ClusterOptions, cluster
 from playbooks.deploy import DeployOptions, deploy
@@ -86,7 +87,7 @@ def _lab_cls() -> Any:
     return Lab
 
 
-DTSETUP_INI = """; DTSetup.ini for the demo: [Config] for every node, [node3] its own section
+DTSETUP_INI = f"""; DTSetup.ini for the demo: [Config] for every node, [node3] its own section
 ; (a machine section stands alone, it is not merged with [Config]) [seed L558-720]
 [Config]
 DTSETUPTYPE=DTNT
@@ -97,7 +98,7 @@ DISKQUEUEFOLDER="/var/lib/dtake/queue"
 DISKQUEUEMAXSIZE=UNLIMITED
 DISKFREESPACEMIN=50
 DTSERVICESTARTUP=Y
-PORT=6320
+PORT={DEFAULT_PORT}
 SET_FWPORT=Y
 
 [node3]
@@ -109,7 +110,7 @@ DISKQUEUEFOLDER="/var/lib/dtake/queue"
 DISKQUEUEMAXSIZE=1024
 DISKFREESPACEMIN=50
 DTSERVICESTARTUP=Y
-PORT=6320
+PORT={DEFAULT_PORT}
 SET_FWPORT=Y
 """
 

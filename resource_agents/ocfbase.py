@@ -28,6 +28,7 @@ else:
     Protocol = object
 
 __all__ = [
+    "DEFAULT_PORT",
     "OCF_DEGRADED",
     "OCF_DEGRADED_PROMOTED",
     "OCF_ERR_ARGS",
@@ -69,6 +70,9 @@ OCF_DEGRADED = 190  # OCF 1.1; pacemaker >= 2.0.5 treats it as 0, shown degraded
 OCF_DEGRADED_PROMOTED = 191
 
 DEFAULT_SOCKET = "/run/dtake/dtake.sock"
+# dtake.config.DEFAULT_PORT: the agents cannot import dtake (copied standalone, run with
+# -S, stdlib only); tests/unit/test_config.py keeps the two equal.
+DEFAULT_PORT = 6320
 STATE_DIR = "/run/resource-agents"  # tmpfs: cleared on reboot, like -l reboot attributes
 
 

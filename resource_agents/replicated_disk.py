@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 
 from ocfbase import (
+    DEFAULT_PORT,
     OCF_DEGRADED,
     OCF_DEGRADED_PROMOTED,
     OCF_ERR_CONFIGURED,
@@ -89,7 +90,7 @@ PARAMS = [
         "node not listed is reached by its node name. Keep this traffic off the heartbeat "
         "network [L2587].",
     ),
-    Param("port", "Service port", "TCP port of the dtake service.", "integer", "6320"),
+    Param("port", "Service port", "TCP port of the dtake service.", "integer", str(DEFAULT_PORT)),
     Param(
         "mirror_type",
         "Mirror type",
@@ -477,7 +478,7 @@ class ReplicatedDisk(Agent):
         rc, out = self.run(["crm_node", "-l"], timeout=15)
         names = parse_peers(out, self.env.node) if rc == 0 else []
         addrs = dict(item.split("=", 1) for item in self.env.param("addresses").split())
-        port = int(self.env.param("port", "6320") or 6320)
+        port = int(self.env.param("port") or DEFAULT_PORT)
         return [{"node": n, "host": addrs.get(n, n), "port": port} for n in names]
 
     def promote(self) -> int:

@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping
 
 from ocfbase import (
+    DEFAULT_PORT,
     OCF_DEGRADED,
     OCF_ERR_CONFIGURED,
     OCF_ERR_GENERIC,
@@ -60,7 +61,13 @@ PARAMS = [
         required=True,
     ),
     Param("target", "Target", "Target host name or address.", required=True),
-    Param("port", "Target port", "TCP port of the target's dtake service.", "integer", "6320"),
+    Param(
+        "port",
+        "Target port",
+        "TCP port of the target's dtake service.",
+        "integer",
+        str(DEFAULT_PORT),
+    ),
     Param(
         "target_path",
         "Target path",
@@ -137,7 +144,7 @@ class SourceConnection(Agent):
 
     @property
     def port(self) -> int:
-        return int(self.env.param("port", "6320") or 6320)
+        return int(self.env.param("port") or DEFAULT_PORT)
 
     def rules(self) -> list[str]:
         return [r.strip() for r in self.env.param("rules").split(";") if r.strip()]

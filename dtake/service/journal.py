@@ -558,7 +558,7 @@ def replay(conn: Connection, marks: dict[str, int], mode: str, cancel: threading
             put(LazyKind.SYMLINK, path)
         elif fmt == stat.S_IFREG:
             if st.st_nlink > 1:
-                conn._warn_hardlink(path)
+                conn._warn_hardlink(path, st)
             elif flags & ENTRY:
                 # Large files go block by block against the target's copy.
                 put(

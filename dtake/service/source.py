@@ -33,6 +33,7 @@ from dtake.rules import RuleSet
 from dtake.service import datastate
 from dtake.service.apply import TEMP_MARK, is_temp_name
 from dtake.service.datastate import DataEvent
+from dtake.service.hardlinks import SkippedLinks
 from dtake.service.journal import ResyncState, journal_resync
 from dtake.service.queue import (
     OP_OVERHEAD,
@@ -167,11 +168,14 @@ class Connection:
         self._sigs: dict[str, tuple[int, list[int]]] = {}
         self._sig_blocks = 0
         self._hardlink_warned: set[str] = set()
+        # Files skipped as hard-linked, until sent: sent once one name is left (hardlinks.py).
+        self._skipped_links = SkippedLinks()
         # Paths the sender found gone, until a RENAME or DELETE explains it (vanished.py).
         self._vanished = VanishedPaths()
         # Which file (inode) was last sent under a path, for the recent sends: a RENAME
         # of that path whose destination is now another file sends it (_recheck_rename).
         self._sent_ino: OrderedDict[str, int] = OrderedDict()
+        self._sent_name: dict[int, str] = {}  # inode -> path, for _sent_ino (_note_sent)
         # Change journal resync: token presented at open, verdict, method shown in status.
         self.resync = ResyncState()
         # Counters read by dtake.service.metrics (with .get(key, 0)); all ints except
@@ -297,7 +301,7 @@ class Connection:
         if fmt == stat.S_IFLNK:
             return LazyKind.SYMLINK
         if st.st_nlink > 1:
-            self._warn_hardlink(path)
+            self._warn_hardlink(path, st)
             return None
         return LazyKind.CONTENT
 
@@ -631,7 +635,8 @@ class Connection:
             raise _Gap()
         return True
 
-    def _warn_hardlink(self, path: str) -> None:
+    def _warn_hardlink(self, path: str, st: os.stat_result) -> None:
+        self._skipped_links.add(path, st.st_ino)
         if path not in self._hardlink_warned:
             self._hardlink_warned.add(path)
             self.svc.events.emit(4099, path=path)
@@ -954,6 +959,8 @@ class Connection:
     def _process(self, item: Item) -> None:
         if item.op is not None:
             self._emit(item.op)
+            if self._skipped_links and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
+                self._recheck_links(item.op)
             if self._sent_ino and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
                 self._recheck_rename(item.op)
             if self._vanished and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
@@ -1008,6 +1015,8 @@ class Connection:
         if item.lazy == LazyKind.ATTRS:
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 return
+            if self._skipped_links and self._send_relinked(path, r, item.mode, st):
+                return
             self._emit(_attr_op(OpKind.ATTRS, r, st))
             return
         if item.lazy == LazyKind.CONTENT:
@@ -1017,7 +1026,7 @@ class Connection:
             if not stat.S_ISREG(st.st_mode):
                 return
             if st.st_nlink > 1:
-                self._warn_hardlink(path)
+                self._warn_hardlink(path, st)
                 return
             self._send_file(path, r, item.mode, st)
 
@@ -1107,6 +1116,60 @@ class Connection:
         sent.move_to_end(path)
         if len(sent) > SENT_INO_MAX:
             sent.popitem(last=False)
+        # Which name an inode was last sent under (_recheck_links; checked against
+        # _sent_ino when read, rebuilt from it when it holds twice as many).
+        self._sent_name[ino] = path
+        if len(self._sent_name) > 2 * SENT_INO_MAX:
+            self._sent_name = {i: p for p, i in sent.items()}
+        if self._skipped_links:
+            self._skipped_links.discard(path)
+
+    def _send_relinked(self, path: str, r: str, mode: str, st: os.stat_result) -> bool:
+        """An attribute change of a file skipped as hard-linked that has one link now:
+        its content goes (changed while it was skipped, or never sent), with its
+        attributes; True when it went that way (dtake.service.hardlinks)."""
+        if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+            return False
+        if self._skipped_links.ino_of(path) is None:
+            return False
+        self._send_file(path, r, mode, st)
+        return True
+
+    def _recheck_links(self, op: Op) -> None:
+        """After a DELETE or RENAME while files skipped as hard-linked are remembered:
+        the name it dropped (the DELETE's, or the one the RENAME replaced) may have been
+        the second link of such a file, and nothing reports the name left (inotify tells
+        a link count change only to a watch on the file). Its names with one link left,
+        skipped or last sent, are sent now; a skipped name renamed is remembered under
+        its new name (dtake.service.hardlinks)."""
+        links = self._skipped_links
+        base = self.base.rstrip("/")
+        src = f"{base}/{op.path}"
+        renamed = op.kind == OpKind.RENAME and bool(op.new_path)
+        gone = f"{base}/{op.new_path}" if renamed else src
+        ino = links.ino_of(gone)
+        if ino is None:
+            ino = self._sent_ino.get(gone)
+        if ino is not None:
+            names = links.names(ino)
+            sent = self._sent_name.get(ino)
+            if sent is not None and sent not in names and self._sent_ino.get(sent) == ino:
+                names.append(sent)
+            for p in names:
+                if p in (gone, src):
+                    continue
+                try:
+                    st = os.lstat(p)
+                except OSError:
+                    continue  # gone too: its own DELETE or RENAME follows
+                single = st.st_ino == ino and st.st_nlink == 1 and stat.S_ISREG(st.st_mode)
+                if single and self.rules.matches(p):
+                    self._process(Item(0, lazy=LazyKind.CONTENT, path=p))
+        # Only now: a lost socket above processes the whole item again.
+        links.discard(gone)
+        if renamed and (moved := links.ino_of(src)) is not None:
+            links.discard(src)
+            links.add(gone, moved)
 
     def _recheck_rename(self, op: Op) -> None:
         """After a RENAME (or DELETE) of a file this connection sent recently: when the

@@ -467,6 +467,33 @@ def test_hard_links_are_reported_not_mangled(tmp_path: Any, service: Factory) ->
     assert 4099 in [e["id"] for e in a.call("events")]
 
 
+def test_a_hard_linked_file_left_with_one_name_is_sent(tmp_path: Any, service: Factory) -> None:
+    # inotify reports nothing for the name left when the other is removed (its link
+    # count changes, which only a watch on the file itself hears): the removal sends it.
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    os.makedirs(src)
+    one, two, three = (os.path.join(src, n) for n in ("one", "two", "three"))
+    a, b = service("a"), service("b")
+    a.call("repset_create", name="rs", rules=[f"{src} inc, rec"])
+    cid = connect(a, b, "rs", dst)
+    settle(a, cid)
+    with open(one, "w") as fh:
+        fh.write("v1")
+    settle(a, cid)
+    os.link(one, two)
+    with open(two, "a") as fh:
+        fh.write(", v2 through the other name")
+    settle(a, cid)
+    assert os.listdir(dst) == ["one"]
+    os.unlink(two)
+    settle(a, cid)
+    assert_same(src, dst)
+    os.link(one, three)
+    os.unlink(one)
+    settle(a, cid)
+    assert_same(src, dst)
+
+
 def test_connection_and_target_counters(tmp_path: Any, service: Factory) -> None:
     """The counters the statistics read: present, and moved by real traffic."""
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")

@@ -210,7 +210,7 @@ class _Conn:
 
         self.resync = ResyncState()
 
-    def _warn_hardlink(self, path: str) -> None:
+    def _warn_hardlink(self, path: str, st: os.stat_result) -> None:
         self.warned.append(path)
 
 

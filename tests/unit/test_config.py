@@ -95,11 +95,34 @@ def _spelled_out_ports(path: Path) -> list[int]:
     ]
 
 
+# The packages that name the port, from the top of the checkout (or site-packages).
+TOP = Path(dtake.__file__).resolve().parents[1]
+PACKAGES = ("dtake", "dtsetup", "resource_agents", "playbooks")
+# The agents cannot import dtake (copied standalone, run with -S): their one copy.
+AGENTS_COPY = "resource_agents/ocfbase.py"
+
+
 def test_the_code_uses_default_port_rather_than_spelling_it_out() -> None:
-    package = Path(dtake.__file__).parent
     found = {
-        str(p.relative_to(package)): lines
-        for p in sorted(package.rglob("*.py"))
-        if p.name != "config.py" and (lines := _spelled_out_ports(p))
+        str(p.relative_to(TOP)): lines
+        for package in PACKAGES
+        for p in sorted((TOP / package).rglob("*.py"))
+        if p.relative_to(TOP).as_posix() not in ("dtake/port.py", AGENTS_COPY)
+        and (lines := _spelled_out_ports(p))
     }
     assert found == {}
+
+
+def test_the_agents_copy_of_the_default_port_is_the_same_number() -> None:
+    path = TOP / AGENTS_COPY
+    tree = ast.parse(path.read_text(), str(path))
+    copies = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and [getattr(t, "id", None) for t in node.targets] == ["DEFAULT_PORT"]
+    ]
+    assert len(copies) == 1
+    value = copies[0].value
+    assert isinstance(value, ast.Constant) and value.value == DEFAULT_PORT
+    assert _spelled_out_ports(path) == [copies[0].lineno]  # and nowhere else
