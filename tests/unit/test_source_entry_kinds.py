@@ -220,3 +220,35 @@ def test_the_skipped_links_are_bounded() -> None:
     links.discard("/s/a")
     links.discard("/s/a")
     assert links.names(7) == [] and links.ino_of("/s/c") == 8
+
+
+def test_a_file_linked_again_after_it_was_sent_is_reported_again(pair: Pair) -> None:
+    a, b = _sent_then_linked(pair)  # `b` reported
+    pair.event("modified", b)  # still two names: not reported twice
+    pair.drain()
+    assert _hardlink_events(pair) == ["b"]
+    a.unlink()
+    pair.event("deleted", a)
+    pair.drain()
+    assert (pair.dst / "b").read_text() == "v1"  # one name left: sent
+    os.link(b, pair.src / "c")
+    pair.event("created", pair.src / "c")
+    pair.event("modified", b)
+    pair.drain()
+    assert _hardlink_events(pair) == ["b", "b", "c"]  # hard-linked again: reported again
+
+
+def test_the_paths_reported_as_hard_linked_are_bounded(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dtake.service.source as source
+
+    monkeypatch.setattr(source, "HARDLINK_WARNED_MAX", 2)
+    for n in range(4):
+        f = pair.src / f"f{n}"
+        write(f, "x")
+        os.link(f, pair.src / f"g{n}")
+        pair.event("created", f)
+    pair.drain()
+    assert _hardlink_events(pair) == ["f0", "f1", "f2", "f3"]
+    assert list(pair.conn._hardlink_warned) == [str(pair.src / "f2"), str(pair.src / "f3")]
