@@ -91,9 +91,12 @@ def test_a_fifo_and_a_hard_link_created_in_place_are_not_sent(pair: Pair) -> Non
     pair.event("created", pair.src / "fifo")
     os.link(pair.src / "linked", pair.src / "linked2")
     pair.event("created", pair.src / "linked2")
-    pair.event("attrib", pair.src / "linked")  # its link count changed
+    mode = (pair.dst / "linked").stat().st_mode
+    os.chmod(pair.src / "linked", 0o600)  # a chmod of the first name, now one of two
+    pair.event("attrib", pair.src / "linked")
     _taken(pair)
     assert sorted(os.listdir(pair.dst)) == ["linked"]
+    assert (pair.dst / "linked").stat().st_mode == mode  # hard-linked: nothing sent
     assert _hardlink_events(pair) == ["linked2"]
 
 
