@@ -7,7 +7,8 @@ TARGET (one block per source: ops received, retries, drops, ops remaining, orpha
 removed, target queue bytes), SOURCE (auto (dis)connects, last file touched) and
 CONNECTION (one block per connection: conState, queues, bytes before and after
 compression, resent ops, disk queue, bandwidth limit, mirror progress, and dtake's own
-conVanishedResentCount/conReplacedResentCount: paths sent again after a rename). Fields with no
+conVanishedResentCount/conReplacedResentCount: paths sent again after a rename, and
+conRelinkedSentCount: files sent once no longer hard-linked). Fields with no
 Linux meaning (allocators, activation codes, driver queue, task commands, separate
 mirror queues) are left out, never shown as a made-up 0 (docs/data-safety.md). The exposition format is written by hand
 (text format 0.0.4), so no extra dependency is needed.
@@ -130,6 +131,7 @@ def collect(svc: Service) -> dict[str, Any]:
                 "conResentOpCount": c["stats"].get("resent_ops", 0),
                 "conVanishedResentCount": c["stats"].get("vanished_resent", 0),
                 "conReplacedResentCount": c["stats"].get("replaced_resent", 0),
+                "conRelinkedSentCount": c["stats"].get("relinked_sent", 0),
                 "conBytesInDiskQueue": q.get("disk_bytes", 0),
                 "conBandwidthLimit": "Unlimited" if not limit else f"{limit:g} kbps",
                 "conBytesSkipped": c["stats"].get("mirror_bytes_skipped", 0),
@@ -199,7 +201,8 @@ def render_dtstat(d: dict[str, Any]) -> str:
             f"   conResentOpCount: {c['conResentOpCount']} "
             f"conBytesInDiskQueue: {c['conBytesInDiskQueue']}",
             f"   conVanishedResentCount: {c['conVanishedResentCount']} "
-            f"conReplacedResentCount: {c['conReplacedResentCount']}",
+            f"conReplacedResentCount: {c['conReplacedResentCount']} "
+            f"conRelinkedSentCount: {c['conRelinkedSentCount']}",
             f"   conBandwidthLimit: {c['conBandwidthLimit']} "
             f"conBytesSkipped: {c['conBytesSkipped']}",
             f"   conMirrorPercent: {'' if pct is None else f'{pct:.1f}%'}",
@@ -269,6 +272,12 @@ def exposition(svc: Service) -> str:
         "counter",
         "conReplacedResentCount",
         [(lb, c["conReplacedResentCount"]) for lb, c in cl],
+    )
+    metric(
+        "con_relinked_sent_total",
+        "counter",
+        "conRelinkedSentCount",
+        [(lb, c["conRelinkedSentCount"]) for lb, c in cl],
     )
     metric(
         "con_bytes_in_disk_queue",

@@ -198,6 +198,7 @@ class Connection:
             "mirror_failures": 0,  # files a mirror could not send (unreadable, or refused)
             "vanished_resent": 0,  # paths found gone when read, sent after their RENAME
             "replaced_resent": 0,  # renamed files whose old name was read as another file
+            "relinked_sent": 0,  # files skipped as hard-linked, sent once down to one name
             "last_file_touched": "",
         }
 
@@ -1141,6 +1142,7 @@ class Connection:
             return False
         if self._skipped_links.ino_of(path) is None:
             return False
+        self.stats["relinked_sent"] += 1
         self._send_file(path, r, mode, st)
         return True
 
@@ -1173,6 +1175,7 @@ class Connection:
                     continue  # gone too: its own DELETE or RENAME follows
                 single = st.st_ino == ino and st.st_nlink == 1 and stat.S_ISREG(st.st_mode)
                 if single and self.rules.matches(p):
+                    self.stats["relinked_sent"] += 1
                     self._process(Item(0, lazy=LazyKind.CONTENT, path=p))
         # Only now: a lost socket above processes the whole item again.
         links.discard(gone)

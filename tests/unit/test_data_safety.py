@@ -547,17 +547,20 @@ def test_statistics_count_the_paths_sent_again_after_a_rename() -> None:
     from dtake.service.metrics import collect, exposition, render_dtstat
 
     conn = _conn(1, 10, "a/x")
-    conn["stats"].update(vanished_resent=3, replaced_resent=4)
+    conn["stats"].update(vanished_resent=3, replaced_resent=4, relinked_sent=5)
     svc = _FakeSvc({"node": "n", "connections": [conn], "targets": []})
     d = collect(svc)  # type: ignore[arg-type]
     c = d["CONNECTION"][0]
     assert (c["conVanishedResentCount"], c["conReplacedResentCount"]) == (3, 4)
-    assert "conVanishedResentCount: 3 conReplacedResentCount: 4" in render_dtstat(d)
+    assert c["conRelinkedSentCount"] == 5
+    assert "conVanishedResentCount: 3 conReplacedResentCount: 4 conRelinkedSentCount: 5" in (
+        render_dtstat(d)
+    )
     prom = exposition(svc)  # type: ignore[arg-type]
     labels = '{id="1",repset="rs",target="10.0.0.2:6320"}'
-    for name, value in (("vanished", 3), ("replaced", 4)):
-        assert f"# TYPE dtake_con_{name}_resent_total counter" in prom
-        assert f"dtake_con_{name}_resent_total{labels} {value}" in prom
+    for name, value in (("vanished_resent", 3), ("replaced_resent", 4), ("relinked_sent", 5)):
+        assert f"# TYPE dtake_con_{name}_total counter" in prom
+        assert f"dtake_con_{name}_total{labels} {value}" in prom
 
 
 def test_last_file_touched_follows_the_connection_that_sent_last() -> None:

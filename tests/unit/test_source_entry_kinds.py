@@ -122,8 +122,10 @@ def test_the_name_left_is_sent_when_the_other_name_is_deleted(pair: Pair) -> Non
     assert (pair.dst / "a").read_text() == "v1"  # skipped while hard-linked
     b.unlink()
     pair.event("deleted", b)  # and nothing for `a`: its directory watch hears nothing
+    assert pair.conn.stats["relinked_sent"] == 0
     pair.drain()
     assert (pair.dst / "a").read_text() == "v2, written through the other name"
+    assert pair.conn.stats["relinked_sent"] == 1
 
 
 @pytest.mark.parametrize("renamed", [False, True])
@@ -188,6 +190,7 @@ def test_an_attribute_change_of_a_skipped_name_left_alone_sends_its_content(
     pair.event("attrib", a)
     pair.drain()
     assert (pair.dst / "a").read_text() == "v1"
+    assert pair.conn.stats["relinked_sent"] == 1
     assert (pair.dst / "a").stat().st_mode & 0o777 == 0o600
     # Once sent, an attribute change is only that again.
     pair.conn._send_file = None  # type: ignore[assignment,method-assign]
