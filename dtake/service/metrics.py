@@ -248,62 +248,21 @@ def exposition(svc: Service) -> str:
     src = d["SOURCE"]
     metric("auto_disconnects_total", "counter", "autoDisConnects", [({}, src["autoDisConnects"])])
     metric("auto_reconnects_total", "counter", "autoReConnects", [({}, src["autoReConnects"])])
-    metric("con_bytes_tx_total", "counter", "conBytesTx", [(lb, c["conBytesTx"]) for lb, c in cl])
-    metric(
-        "con_bytes_compressed_tx_total",
-        "counter",
-        "conBytesCompressedTx",
-        [(lb, c["conBytesCompressedTx"]) for lb, c in cl],
-    )
-    metric(
-        "con_resent_ops_total",
-        "counter",
-        "conResentOpCount",
-        [(lb, c["conResentOpCount"]) for lb, c in cl],
-    )
-    metric(
-        "con_vanished_resent_total",
-        "counter",
-        "conVanishedResentCount",
-        [(lb, c["conVanishedResentCount"]) for lb, c in cl],
-    )
-    metric(
-        "con_replaced_resent_total",
-        "counter",
-        "conReplacedResentCount",
-        [(lb, c["conReplacedResentCount"]) for lb, c in cl],
-    )
-    metric(
-        "con_relinked_sent_total",
-        "counter",
-        "conRelinkedSentCount",
-        [(lb, c["conRelinkedSentCount"]) for lb, c in cl],
-    )
-    metric(
-        "con_bytes_in_disk_queue",
-        "gauge",
-        "conBytesInDiskQueue",
-        [(lb, c["conBytesInDiskQueue"]) for lb, c in cl],
-    )
-    metric("con_ops_tx_total", "counter", "conOpsTx", [(lb, c["conOpsTx"]) for lb, c in cl])
-    metric(
-        "con_bytes_in_rep_queue",
-        "gauge",
-        "conBytesInRepQueue",
-        [(lb, c["conBytesInRepQueue"]) for lb, c in cl],
-    )
-    metric(
-        "con_ops_in_ack_queue",
-        "gauge",
-        "conOpsInAckQueue",
-        [(lb, c["conOpsInAckQueue"]) for lb, c in cl],
-    )
-    metric(
-        "con_bytes_skipped_total",
-        "counter",
-        "conBytesSkipped",
-        [(lb, c["conBytesSkipped"]) for lb, c in cl],
-    )
+    # One series per connection, its value the dtstat field named in HELP.
+    for name, kind, field_ in (
+        ("con_bytes_tx_total", "counter", "conBytesTx"),
+        ("con_bytes_compressed_tx_total", "counter", "conBytesCompressedTx"),
+        ("con_resent_ops_total", "counter", "conResentOpCount"),
+        ("con_vanished_resent_total", "counter", "conVanishedResentCount"),
+        ("con_replaced_resent_total", "counter", "conReplacedResentCount"),
+        ("con_relinked_sent_total", "counter", "conRelinkedSentCount"),
+        ("con_bytes_in_disk_queue", "gauge", "conBytesInDiskQueue"),
+        ("con_ops_tx_total", "counter", "conOpsTx"),
+        ("con_bytes_in_rep_queue", "gauge", "conBytesInRepQueue"),
+        ("con_ops_in_ack_queue", "gauge", "conOpsInAckQueue"),
+        ("con_bytes_skipped_total", "counter", "conBytesSkipped"),
+    ):
+        metric(name, kind, field_, [(lb, c[field_]) for lb, c in cl])
     metric(
         "target_data_ok",
         "gauge",
