@@ -28,7 +28,7 @@ class SkippedLinks:
     The mirror walk, the capture thread (entries moved into the set) and the sender
     add; a lock keeps the two maps together."""
 
-    def __init__(self, *, max_paths: int = 16384) -> None:
+    def __init__(self, *, max_paths: int = 65536) -> None:
         self.max_paths = max_paths
         self._lock = threading.Lock()
         self._ino: OrderedDict[str, int] = OrderedDict()
@@ -40,13 +40,17 @@ class SkippedLinks:
     def __bool__(self) -> bool:
         return bool(self._ino)
 
-    def add(self, path: str, ino: int) -> None:
+    def add(self, path: str, ino: int) -> bool:
+        """Remember ``path`` (again: as the newest); True when it was not remembered (the
+        source reports a path once while it stays skipped: event 4099)."""
         with self._lock:
+            new = path not in self._ino
             self._drop(path)
             self._ino[path] = ino
             self._names.setdefault(ino, set()).add(path)
             if len(self._ino) > self.max_paths:
                 self._drop(next(iter(self._ino)))
+            return new
 
     def ino_of(self, path: str) -> int | None:
         return self._ino.get(path)

@@ -63,7 +63,6 @@ WINDOW_BYTES = 64 * 1024 * 1024  # unacknowledged bytes in flight (at most)
 MIN_CHUNK = 4 * 1024
 WALK_SLICE = 1024  # mirror walk: entries per list (a huge directory comes in slices)
 SENT_INO_MAX = 16384  # recent sends whose inode a RENAME checks (_recheck_rename)
-HARDLINK_WARNED_MAX = 65536  # paths remembered as reported with event 4099
 WALK_PUT = 256  # mirror walk: items queued per put_lazy_many (one lock, one log write)
 BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
 SIG_CACHE_MAX_BLOCKS = 4 * 1024 * 1024
@@ -168,9 +167,8 @@ class Connection:
         self._needs_resync = False
         self._sigs: dict[str, tuple[int, list[int]]] = {}
         self._sig_blocks = 0
-        # Paths reported with event 4099, until sent (bounded: the oldest go first).
-        self._hardlink_warned: OrderedDict[str, None] = OrderedDict()
-        # Files skipped as hard-linked, until sent: sent once one name is left (hardlinks.py).
+        # Files skipped as hard-linked (reported once, event 4099), until sent: sent once
+        # one name is left (hardlinks.py).
         self._skipped_links = SkippedLinks()
         # Paths the sender found gone, until a RENAME or DELETE explains it (vanished.py).
         self._vanished = VanishedPaths()
@@ -639,14 +637,9 @@ class Connection:
         return True
 
     def _warn_hardlink(self, path: str, st: os.stat_result) -> None:
-        self._skipped_links.add(path, st.st_ino)
-        warned = self._hardlink_warned
-        if path not in warned:
-            # Once per path while it stays hard-linked (a mirror walks it again), again
-            # after it was sent with one name and linked anew.
-            warned[path] = None
-            if len(warned) > HARDLINK_WARNED_MAX:
-                warned.popitem(last=False)
+        # Once per path while it stays skipped (a mirror walks it again), again after it
+        # was sent with one name and linked anew.
+        if self._skipped_links.add(path, st.st_ino):
             self.svc.events.emit(4099, path=path)
 
     # ------------------------------------------------------------------ requests
@@ -1131,8 +1124,6 @@ class Connection:
             self._sent_name = {i: p for p, i in sent.items()}
         if self._skipped_links:
             self._skipped_links.discard(path)
-        if self._hardlink_warned:
-            self._hardlink_warned.pop(path, None)
 
     def _send_relinked(self, path: str, r: str, mode: str, st: os.stat_result) -> bool:
         """An attribute change of a file skipped as hard-linked that has one link now:

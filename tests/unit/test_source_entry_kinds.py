@@ -244,12 +244,9 @@ def test_a_file_linked_again_after_it_was_sent_is_reported_again(pair: Pair) -> 
     assert _hardlink_events(pair) == ["b", "b", "c"]  # hard-linked again: reported again
 
 
-def test_the_paths_reported_as_hard_linked_are_bounded(
-    pair: Pair, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import dtake.service.source as source
-
-    monkeypatch.setattr(source, "HARDLINK_WARNED_MAX", 2)
+def test_the_paths_reported_as_hard_linked_are_bounded(pair: Pair) -> None:
+    links = pair.conn._skipped_links
+    links.max_paths = 2
     for n in range(4):
         f = pair.src / f"f{n}"
         write(f, "x")
@@ -257,4 +254,5 @@ def test_the_paths_reported_as_hard_linked_are_bounded(
         pair.event("created", f)
     pair.drain()
     assert _hardlink_events(pair) == ["f0", "f1", "f2", "f3"]
-    assert list(pair.conn._hardlink_warned) == [str(pair.src / "f2"), str(pair.src / "f3")]
+    remembered = [n for n in range(4) if links.ino_of(str(pair.src / f"f{n}")) is not None]
+    assert remembered == [2, 3] and len(links) == 2
