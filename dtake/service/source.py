@@ -960,12 +960,14 @@ class Connection:
     def _process(self, item: Item) -> None:
         if item.op is not None:
             self._emit(item.op)
-            if self._skipped_links and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
-                self._recheck_links(item.op)
-            if self._sent_ino and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
-                self._recheck_rename(item.op)
-            if self._vanished and item.op.kind in (OpKind.RENAME, OpKind.DELETE):
-                self._explain_vanished(item.op)
+            if item.op.kind in (OpKind.RENAME, OpKind.DELETE):
+                # A name went: what the sender remembers about names may send more.
+                if self._skipped_links:
+                    self._recheck_links(item.op)
+                if self._sent_ino:
+                    self._recheck_rename(item.op)
+                if self._vanished:
+                    self._explain_vanished(item.op)
             return
         path = item.path
         if item.lazy == LazyKind.MIRROR_END:
