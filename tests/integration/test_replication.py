@@ -349,6 +349,39 @@ def test_one_to_many_and_chained(tmp_path: Any, service: Factory) -> None:
     assert_same(src, chain)
 
 
+def _race_a_busy_capture(
+    tmp_path: Any,
+    service: Factory,
+    *,
+    before: Callable[[str], None],
+    queued: Callable[[str], None],
+    race: Callable[[str], None],
+) -> None:
+    """Make the capture lag behind the disk: ``before`` (replicated first), then
+    ``queued`` while transmission is paused (captured and queued, nothing sent), then
+    ``race`` while a burst of events keeps the capture thread busy, and resume. The
+    trees must end identical, with the target's data state OK."""
+    with small_inotify_queue(131072):  # room for the burst: no overflow, no remirror
+        src, dst, a, _b, cid = mirrored_pair(tmp_path, service)
+    burst = [os.path.join(src, "burst0"), os.path.join(src, "burst1")]
+    for f in burst:
+        open(f, "w").close()
+    before(src)
+    settle(a, cid)
+    a.call("transmit", con_id=cid, action="pause")
+    queued(src)
+    time.sleep(0.5)  # captured and queued; nothing is sent while paused
+    for i in range(60000):  # alternating files: the kernel merges no event
+        os.chmod(burst[i % 2], 0o600 if i % 4 < 2 else 0o644)
+    race(src)
+    a.call("transmit", con_id=cid, action="resume")
+    settle(a, cid)
+    time.sleep(0.5)
+    st = settle(a, cid)
+    assert_same(src, dst)
+    assert st["target_data_state"] == "OK"
+
+
 def test_directory_renamed_before_the_capture_reports_it(tmp_path: Any, service: Factory) -> None:
     """The sender reads a new directory's items after it was renamed on disk but before
     the capture thread reported the rename (the capture lags under load). It used to
@@ -356,28 +389,18 @@ def test_directory_renamed_before_the_capture_reports_it(tmp_path: Any, service:
     the target: the directory was missing there and the state said OK. The lag is made
     here: the new directory's items wait (transmission paused), then a burst of events
     keeps the capture thread busy while the rename happens and the sender resumes."""
-    with small_inotify_queue(131072):  # room for the burst: no overflow, no remirror
-        src, dst, a, _b, cid = mirrored_pair(tmp_path, service)
-    burst = [os.path.join(src, "burst0"), os.path.join(src, "burst1")]
-    for f in burst:
-        open(f, "w").close()
-    settle(a, cid)
-    a.call("transmit", con_id=cid, action="pause")
-    new = os.path.join(src, "new")
-    os.mkdir(new)
-    for i in range(20):
-        with open(os.path.join(new, f"f{i}"), "w") as fh:
-            fh.write(str(i))
-    time.sleep(0.5)  # captured and queued; nothing is sent while paused
-    for i in range(60000):  # alternating files: the kernel merges no event
-        os.chmod(burst[i % 2], 0o600 if i % 4 < 2 else 0o644)
-    os.rename(new, new + "-moved")
-    a.call("transmit", con_id=cid, action="resume")
-    settle(a, cid)
-    time.sleep(0.5)
-    st = settle(a, cid)
-    assert_same(src, dst)
-    assert st["target_data_state"] == "OK"
+
+    def queued(src: str) -> None:
+        new = os.path.join(src, "new")
+        os.mkdir(new)
+        for i in range(20):
+            with open(os.path.join(new, f"f{i}"), "w") as fh:
+                fh.write(str(i))
+
+    def race(src: str) -> None:
+        os.rename(os.path.join(src, "new"), os.path.join(src, "new-moved"))
+
+    _race_a_busy_capture(tmp_path, service, before=lambda _src: None, queued=queued, race=race)
 
 
 def test_log_rotated_before_the_capture_reports_it(tmp_path: Any, service: Factory) -> None:
@@ -386,30 +409,23 @@ def test_log_rotated_before_the_capture_reports_it(tmp_path: Any, service: Facto
     (``mv log log.1``) and a new ``log`` created. The sender reads the new ``log`` for
     the queued change; the RENAME used to move that content to ``log.1`` on the target,
     where the old log never arrived (silently, the state said OK)."""
-    with small_inotify_queue(131072):  # room for the burst: no overflow, no remirror
-        src, dst, a, _b, cid = mirrored_pair(tmp_path, service)
-    burst = [os.path.join(src, "burst0"), os.path.join(src, "burst1")]
-    for f in burst:
-        open(f, "w").close()
-    log = os.path.join(src, "app.log")
-    with open(log, "w") as fh:
-        fh.write("line 1\n")
-    settle(a, cid)
-    a.call("transmit", con_id=cid, action="pause")
-    with open(log, "a") as fh:
-        fh.write("line 2\n")
-    time.sleep(0.5)  # captured and queued; nothing is sent while paused
-    for i in range(60000):  # alternating files: the kernel merges no event
-        os.chmod(burst[i % 2], 0o600 if i % 4 < 2 else 0o644)
-    os.rename(log, log + ".1")
-    with open(log, "w") as fh:
-        fh.write("new log\n")
-    a.call("transmit", con_id=cid, action="resume")
-    settle(a, cid)
-    time.sleep(0.5)
-    st = settle(a, cid)
-    assert_same(src, dst)
-    assert st["target_data_state"] == "OK"
+
+    def write(src: str, mode: str, text: str) -> None:
+        with open(os.path.join(src, "app.log"), mode) as fh:
+            fh.write(text)
+
+    def race(src: str) -> None:
+        log = os.path.join(src, "app.log")
+        os.rename(log, log + ".1")
+        write(src, "w", "new log\n")
+
+    _race_a_busy_capture(
+        tmp_path,
+        service,
+        before=lambda src: write(src, "w", "line 1\n"),
+        queued=lambda src: write(src, "a", "line 2\n"),
+        race=race,
+    )
 
 
 def test_active_active_loop_is_refused(tmp_path: Any, service: Factory) -> None:
