@@ -911,8 +911,8 @@ class TargetTree:
         """Apply whole-file ops (FILE_END tagged ``whole``) for *distinct, independent*
         paths (none is another's parent), two at a time while the file system is slow:
         parents are resolved here, in order; the file system calls of half of the ops
-        run in a helper thread (they release the GIL: creating files is kernel time). Returns each op's exception or
-        None, in order. An op whose rename would have to remove a directory is redone
+        run in a helper thread (they release the GIL: creating files is kernel time).
+        Returns each op's exception or None, in order. An op whose rename would have to remove a directory is redone
         here, after the others (independent paths: the order between them is free)."""
         with self._lock:
             if self._closed:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+import bench.common
 from bench.common import probe_create_us, settle_fs
+
+
+@pytest.fixture(autouse=True)
+def _no_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    # sync(2) flushes the whole machine's dirty data: seconds on a busy disk, and
+    # nothing these tests check (the probe itself is real).
+    monkeypatch.setattr(bench.common, "sync_fs", lambda: None)
 
 
 def test_probe_creates_files_it_keeps(tmp_path: Path) -> None:
