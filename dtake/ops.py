@@ -8,6 +8,10 @@ Whole-file transfers are ``FILE_BEGIN`` / ``WRITE``... / ``FILE_END``: the targe
 temporary file in the same directory and renames it over the final name at ``FILE_END``,
 so no half-written file is ever visible under its final name. Sparse files are sent as
 ``WRITE`` ops for the data extents only plus the final size, so holes stay holes.
+
+A mirror sends the small files of a directory as one ``FILES`` op (only to a target that
+announced the "files" feature when the connection opened); the target expands it into
+the ``FILE_END`` ops it stands for, so everything after the wire is per file.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ class OpKind(enum.IntEnum):
     SYMLINK = 9  # path, link target (stored as-is, never followed)
     BARRIER = 10  # no-op with a sequence number: mirror start/end markers, idle probes
     SETSIZE = 11  # path, size: in-place file whose length changed (extend/shrink)
+    # path (a directory), tags["files"]: [[name, size, mode, uid, gid, mtime_ns], ...],
+    # data: their contents back to back. Small files of one directory from a mirror, in
+    # one op that takes one sequence number per file (seq is the first): the target
+    # applies it as that many FILE_END ops tagged "whole" (dtake.protocol.opwire).
+    FILES = 12
 
 
 @dataclass(slots=True)
@@ -91,6 +100,12 @@ class Op:
             link=None if link is None else str(link),
             tags=dict(tags) if tags else {},
         )
+
+    def span(self) -> int:
+        """Sequence numbers this op takes: one per file for FILES, else one."""
+        if self.kind is OpKind.FILES:
+            return len(self.tags.get("files") or ()) or 1
+        return 1
 
     def wire_size(self) -> int:
         """Approximate bytes this op costs in a queue (for memory limits)."""

@@ -11,6 +11,13 @@ The source hands the pieces to ``sendmsg`` as they are (no join), and the target
 each op's data as a ``memoryview`` of the received frame (no copy before ``pwrite``).
 ``decode_ops`` returns exactly what a version-1 OPS frame decodes to (13-field lists),
 except that the data fields are memoryviews.
+
+A FILES op (small files of one directory, see ``dtake.ops``) is expanded by
+``ops_from_wire`` into the FILE_END ops it stands for: sequence numbers ``seq``,
+``seq + 1``, ..., each tagged ``whole``, the first with the op's queue position
+(``qo``), the last with its other tags (the early-ACK request). Names are checked here
+(one path component each); the paths are confined beneath the target root by the
+applier, as for any op.
 """
 
 from __future__ import annotations
@@ -24,7 +31,16 @@ import msgpack
 from dtake.ops import Op, OpKind
 from dtake.protocol.errors import ProtocolError
 
-__all__ = ["decode_ops", "encode_ops", "op_from_wire", "ops_from_wire"]
+__all__ = [
+    "FILES_FEATURE",
+    "decode_ops",
+    "encode_ops",
+    "expand_files",
+    "op_from_wire",
+    "ops_from_wire",
+]
+
+FILES_FEATURE = "files"  # in a target's open response: it accepts FILES ops
 
 _HLEN = struct.Struct(">I")
 _FIELDS = 13
@@ -135,10 +151,66 @@ def ops_from_wire(items: list[Any]) -> list[Op]:
             ):
                 # (a memoryview stays one: the applier only needs len() and the buffer)
                 buf = cast(bytes, data)
-                append(
-                    Op(k, path, seq, new_path, offset, buf, size, mode, uid, gid, mtime_ns, link,
-                       tags or {})
-                )  # fmt: skip
+                op = Op(k, path, seq, new_path, offset, buf, size, mode, uid, gid, mtime_ns, link,
+                        tags or {})  # fmt: skip
+                if k is OpKind.FILES:
+                    out.extend(expand_files(op))
+                else:
+                    append(op)
                 continue
-        append(op_from_wire(item))
+        op = op_from_wire(item)
+        if op.kind is OpKind.FILES:
+            out.extend(expand_files(op))
+        else:
+            append(op)
+    return out
+
+
+_DOTS = frozenset({".", ".."})
+
+
+def expand_files(op: Op) -> list[Op]:
+    """The FILE_END ops (tagged ``whole``) a FILES op stands for; ValueError when it is
+    malformed: no entries, a name that is not one path component, a field of the wrong
+    type, or sizes that do not add up to the data."""
+    tags = dict(op.tags)
+    entries = tags.pop("files", None)
+    if type(entries) is not list or not entries:
+        raise ValueError("FILES op without entries")
+    qo = tags.pop("qo", None)
+    data = memoryview(op.data)
+    total = len(data)
+    base = f"{op.path}/" if op.path else ""
+    out: list[Op] = []
+    pos = 0
+    seq = op.seq
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 6:
+            raise ValueError("malformed FILES entry")
+        name, size, mode, uid, gid, mtime_ns = entry
+        if type(name) is not str or not name or "/" in name or "\0" in name or name in _DOTS:
+            raise ValueError(f"FILES entry name {name!r} is not one path component")
+        if (
+            type(size) is not int
+            or type(mode) is not int
+            or type(uid) is not int
+            or type(gid) is not int
+            or type(mtime_ns) is not int
+            or size < 0
+        ):
+            raise ValueError(f"malformed FILES entry for {name!r}")
+        end = pos + size
+        if end > total:
+            raise ValueError("FILES entry sizes exceed the op data")
+        out.append(
+            Op(OpKind.FILE_END, base + name, seq, None, 0, cast(bytes, data[pos:end]), size,
+               mode, uid, gid, mtime_ns, None, {"whole": 1})
+        )  # fmt: skip
+        pos = end
+        seq += 1
+    if pos != total:
+        raise ValueError("FILES op data longer than its entries")
+    if qo is not None:
+        out[0].tags["qo"] = qo
+    out[-1].tags.update(tags)
     return out

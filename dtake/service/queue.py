@@ -48,11 +48,13 @@ from typing import Any, cast
 import msgpack
 import xxhash
 
-from dtake.ops import Op
+from dtake.ops import Op, OpKind
 from dtake.service.diskqueue import DiskJournal, JournalReader
 
 __all__ = [
+    "FILE_ENTRY_OVERHEAD",
     "ITEM_OVERHEAD",
+    "NAME_OVERHEAD",
     "OP_OVERHEAD",
     "TAGS_OVERHEAD",
     "Item",
@@ -69,11 +71,16 @@ __all__ = [
 ITEM_OVERHEAD = 272
 OP_OVERHEAD = 320
 TAGS_OVERHEAD = 232
+NAME_OVERHEAD = 57  # a name in a FILES item (str object and list slot), plus its length
+FILE_ENTRY_OVERHEAD = 330  # an entry of a FILES op (a 6-field list, its ints and name)
 
 
 def op_cost(op: Op) -> int:
     """Bytes of memory one op holds (queued, or in flight until acknowledged)."""
     cost = OP_OVERHEAD + len(op.path) + len(op.data)
+    if op.kind is OpKind.FILES:
+        files = op.tags.get("files") or ()
+        cost += FILE_ENTRY_OVERHEAD * len(files) + sum(len(f[0]) for f in files)
     if op.new_path:
         cost += len(op.new_path)
     if op.link:
@@ -89,6 +96,12 @@ class LazyKind:
     MKDIR = "mkdir"
     SYMLINK = "symlink"
     MIRROR_END = "mirror_end"  # marker: the mirror walk has queued everything
+    # Small regular files of one directory from a mirror walk: ``path`` is the directory,
+    # ``meta["names"]`` the files' names; sent as FILES ops (one read loop, one op for
+    # many files). Never merged with another item; a rename or delete of the directory
+    # (or above) moves or cancels it like any lazy item; one of its files renamed or
+    # deleted is found gone when read and explained by that RENAME/DELETE (vanished.py).
+    FILES = "files"
 
 
 @dataclass(slots=True, eq=False)
@@ -103,10 +116,17 @@ class Item:
     ino: int = 0  # inode of `path` when queued (0: it did not exist)
     from_disk: bool = False  # read back from a log: validated by identity when taken
     gen: int = -1  # refill generation it was read back in (merging on refill, below)
+    # FILES: the read-ahead shared with the walk (dtake.service.smallfiles; never logged)
+    prefetch: Any = None
 
     def cost(self) -> int:
-        """Accounted memory (constant for the item's life: path and op never change)."""
-        return ITEM_OVERHEAD + len(self.path) + (op_cost(self.op) if self.op else 0)
+        """Accounted memory (constant for the item's life: path, names and op never
+        change)."""
+        cost = ITEM_OVERHEAD + len(self.path) + (op_cost(self.op) if self.op else 0)
+        if self.lazy == LazyKind.FILES:
+            names = self.meta.get("names") or ()
+            cost += NAME_OVERHEAD * len(names) + sum(map(len, names)) + self.meta.get("bytes", 0)
+        return cost
 
     def encode(self, packer: msgpack.Packer | None = None) -> bytes:
         """The item's log record; ``packer``: one reused for a slice of items (packb
@@ -137,6 +157,15 @@ class Item:
             ino=int(ino),
             from_disk=True,
         )
+
+
+def _key(item: Item) -> tuple[str, str]:
+    """An item's key in the pending index: (kind, path); a FILES item's path part is
+    its directory with its own order below it, so it is unique and still under every
+    directory that contains its files (``_under``)."""
+    if item.lazy == LazyKind.FILES:
+        return LazyKind.FILES, f"{item.path}/\0{item.order}"
+    return item.lazy or "", item.path
 
 
 def _under(path: str, top: str) -> bool:
@@ -321,7 +350,7 @@ class SourceQueue:
         self._bytes += cost
         self.note_peak()
         if item.lazy is not None and item.lazy != LazyKind.MIRROR_END:
-            self._pending[(item.lazy, item.path)] = item
+            self._pending[_key(item)] = item
         self.cond.notify_all()
         return True
 
@@ -347,7 +376,7 @@ class SourceQueue:
             if item.lazy is None or item.lazy == LazyKind.MIRROR_END or not item.path:
                 self._refill_gen += 1  # an eager op or a marker: nothing merges across it
             else:
-                key = (item.lazy, item.path)
+                key = _key(item)  # (a FILES item's is its own: never merged)
                 old = self._pending.get(key)
                 if (
                     old is not None
@@ -369,9 +398,10 @@ class SourceQueue:
             self._bytes += item.cost()
             self.note_peak()
             if item.lazy is not None and item.lazy != LazyKind.MIRROR_END:
-                old = self._pending.get((item.lazy, item.path))
+                key = _key(item)
+                old = self._pending.get(key)
                 if old is None or old.order < item.order:
-                    self._pending[(item.lazy, item.path)] = item
+                    self._pending[key] = item
         if self._disk_items <= 0 or n == 0:
             # Caught up with the writer (n == 0 with items counted: a log was
             # removed under us; never spin on a count that cannot be read).
@@ -447,6 +477,38 @@ class SourceQueue:
                 items.append(item)
             return self._store_many(items)
 
+    def put_files(
+        self,
+        path: str,
+        names: list[str],
+        *,
+        mode: str,
+        data_bytes: int = 0,
+        ino: int | None = None,
+        prefetch: Any = None,
+    ) -> tuple[bool, bool]:
+        """Queue a FILES item: the small files ``names`` of directory ``path``, of
+        ``data_bytes`` bytes in all (a mirror walk's; ``ino``: the directory's inode,
+        looked up if None). Its cost counts the data, which may be read ahead into
+        ``prefetch`` (dtake.service.smallfiles) while it waits. Returns (queued, held
+        in memory): an item that went to disk only is read when it is taken."""
+        if self.journal is None:
+            ino = 0
+        elif ino is None:
+            ino = _ino(path)
+        with self.cond:
+            item = Item(
+                next(self._order),
+                lazy=LazyKind.FILES,
+                path=path,
+                mode=mode,
+                meta={"names": names, "bytes": data_bytes},
+                ino=ino,
+                prefetch=prefetch,
+            )
+            ok = self._append(item)
+            return ok, ok and bool(self._items) and self._items[-1] is item
+
     def _store_many(self, items: list[Item]) -> bool:
         """``_store`` for several items (journal only): the ones that fit in memory
         (a prefix: FIFO) and the rest, each part written with one ``append_many``."""
@@ -486,7 +548,7 @@ class SourceQueue:
         for item in items[:split]:
             self._items.append(item)
             self._bytes += item.cost()
-            self._pending[(item.lazy or "", item.path)] = item
+            self._pending[_key(item)] = item
         for item in items[split:]:
             self._disk_items += 1
             self.stats["spilled_items"] += 1
@@ -518,7 +580,7 @@ class SourceQueue:
             for item in moved:
                 item.cancelled = True
                 self._cancelled += 1
-                del self._pending[(item.lazy or "", item.path)]
+                del self._pending[_key(item)]
             if not self._append(Item(next(self._order), op=op)):
                 return False
             for item in moved:
@@ -588,8 +650,10 @@ class SourceQueue:
             if self._items:
                 item = self._items.popleft()
                 self._bytes -= item.cost()
-                if item.lazy is not None and self._pending.get((item.lazy, item.path)) is item:
-                    del self._pending[(item.lazy, item.path)]
+                if item.lazy is not None:
+                    key = _key(item)
+                    if self._pending.get(key) is item:
+                        del self._pending[key]
                 if not self._valid(item):
                     continue
                 return item
@@ -618,7 +682,7 @@ class SourceQueue:
                 self._items.appendleft(item)
                 self._bytes += item.cost()
                 if item.lazy is not None and item.lazy != LazyKind.MIRROR_END:
-                    self._pending.setdefault((item.lazy, item.path), item)
+                    self._pending.setdefault(_key(item), item)
             self.cond.notify_all()
 
     # -- acknowledgements (journal trimming) -----------------------------------

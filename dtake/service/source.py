@@ -29,6 +29,7 @@ import xxhash
 
 from dtake.errors import DtakeError, E
 from dtake.ops import Op, OpKind
+from dtake.protocol.opwire import FILES_FEATURE
 from dtake.rules import RuleSet
 from dtake.service import datastate
 from dtake.service.apply import TEMP_MARK, is_temp_name
@@ -36,6 +37,7 @@ from dtake.service.datastate import DataEvent
 from dtake.service.hardlinks import SkippedLinks
 from dtake.service.journal import ResyncState, journal_resync
 from dtake.service.queue import (
+    NAME_OVERHEAD,
     OP_OVERHEAD,
     TAGS_OVERHEAD,
     Item,
@@ -43,6 +45,7 @@ from dtake.service.queue import (
     SourceQueue,
     op_cost,
 )
+from dtake.service.smallfiles import FILES_OP_FILES, Prefetch, read_files
 from dtake.service.transmit import TransmitControl
 from dtake.service.vanished import VanishedPaths
 
@@ -66,6 +69,12 @@ SENT_INO_MAX = 16384  # recent sends whose inode a RENAME checks (_recheck_renam
 WALK_PUT = 256  # mirror walk: items queued per put_lazy_many (one lock, one log write)
 BIG_FILE = 1024 * 1024  # above this, real-time changes send changed blocks only
 SIG_CACHE_MAX_BLOCKS = 4 * 1024 * 1024
+# A mirror's small files go as FILES ops, one per directory slice (dtake.ops): files up
+# to FILES_FILE_MAX bytes, at most FILES_OP_FILES of them and about FILES_OP_BYTES of data
+# an op (FILES_OP_FILES names a queue item, too). Modes that compare by hashes do not.
+FILES_FILE_MAX = 64 * 1024
+FILES_OP_BYTES = 1024 * 1024
+FILES_MODES = frozenset({"full", "differences", "newer"})
 ACK_TAG = "ak"  # on the last op of a frame: acknowledge right after applying it
 
 MIRROR_MODES = ("full", "differences", "checksum", "newer", "none")
@@ -119,6 +128,8 @@ class Connection:
         self.small_file = min(SMALL_FILE, self.chunk)
         self.window_bytes = max(2 * self.chunk, min(WINDOW_BYTES, limit // 4))
         self.batch_bytes = min(BATCH_BYTES, self.window_bytes // 4)
+        self.files_file_max = min(FILES_FILE_MAX, self.small_file)
+        self.files_op_bytes = min(FILES_OP_BYTES, self.batch_bytes)
         largest_op = max(self.chunk, BLOCK) + OP_OVERHEAD + TAGS_OVERHEAD + 2 * 4096
         self.queue.reserve(self.window_bytes + largest_op)
         self._item_order = 0  # queue item whose first op is next (replay position)
@@ -137,6 +148,8 @@ class Connection:
         self._mirror_cancel = threading.Event()
         self._mirror_pause = threading.Event()
         self._codec: Any = None
+        self._peer_files = False  # the target accepts FILES ops (its open response)
+        self._prefetch_cond = threading.Condition()  # FILES items read ahead by the walk
         # sequence numbers
         self.next_seq = 1
         self.acked_seq = 0
@@ -601,13 +614,25 @@ class Connection:
         slice_items = max(1, min(WALK_PUT, self.queue.budget // 16 // 1024))
         wrote = False
         batch: list[tuple[str, str, str, int]] = []
+        # Small regular files (not sparse) go by name in FILES items, after the rest.
+        names: list[str] = []
+        sizes: list[int] = []
+        small = self.files_file_max if mode in FILES_MODES and chunk else -1
+        parent = os.path.dirname(chunk[0][0]) if chunk else ""
+        cut = len(parent.rstrip("/")) + 1
+        IFMT, IFREG = 0o170000, stat.S_IFREG
         for path, st in chunk:
             kind = kind_of(path, st)
             if kind is None:
                 continue
             if kind == CONTENT:
-                total += st.st_size
-                m = big_mode if big_mode is not None and st.st_size >= BIG_FILE else mode
+                size = st.st_size
+                total += size
+                if size <= small and st.st_mode & IFMT == IFREG and st.st_blocks * 512 >= size:
+                    names.append(path[cut:])
+                    sizes.append(size)
+                    continue
+                m = big_mode if big_mode is not None and size >= BIG_FILE else mode
                 batch.append((CONTENT, path, m, st.st_ino))
             else:
                 batch.append((kind, path, "full", st.st_ino))
@@ -622,6 +647,24 @@ class Connection:
             if not self._put_walked(batch, cancel):
                 return None
             wrote = True
+        if names:
+            self.mirror_total = total
+            # An item of about one op (FILES_OP_FILES files or files_op_bytes bytes),
+            # and of at most an eighth of the queue's memory: its cost counts the
+            # names, and the data when it is to be read ahead (the target takes FILES).
+            ahead = self._peer_files
+            i, limit, cap = 0, self.files_op_bytes, max(1, self.queue.budget // 8)
+            while i < len(names):
+                j = i
+                nbytes = cost = 0
+                while j < len(names) and j - i < FILES_OP_FILES and nbytes < limit and cost < cap:
+                    nbytes += sizes[j]
+                    cost += NAME_OVERHEAD + len(names[j]) + (sizes[j] if ahead else 0)
+                    j += 1
+                if not self._put_walked_files(parent, names[i:j], nbytes, ahead, mode, cancel):
+                    return None
+                i = j
+            wrote = True
         return total, wrote
 
     def _put_walked(self, batch: list[tuple[str, str, str, int]], cancel: threading.Event) -> bool:
@@ -634,6 +677,36 @@ class Connection:
             return False
         if not self.queue.put_lazy_many(batch):
             raise _Gap()
+        return True
+
+    def _put_walked_files(
+        self,
+        parent: str,
+        names: list[str],
+        sizes: int,
+        ahead: bool,
+        mode: str,
+        cancel: threading.Event,
+    ) -> bool:
+        """``_put_walked`` for a FILES item (small files of directory ``parent``, of
+        ``sizes`` bytes in all); ``ahead``: when it is held in memory, read its files
+        ahead of the sender (dtake.service.smallfiles), its data counted in its cost."""
+        stopped = self._stop
+        self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
+        if cancel.is_set() or stopped.is_set():
+            return False
+        pf = Prefetch() if ahead else None
+        ok, held = self.queue.put_files(
+            parent, names, mode=mode, data_bytes=sizes if ahead else 0, prefetch=pf
+        )
+        if not ok:
+            raise _Gap()
+        if pf is not None and held and pf.start(self._prefetch_cond):
+            got = None
+            try:
+                got = read_files(parent, names, self.files_file_max, self.files_op_bytes)
+            finally:
+                pf.done(self._prefetch_cond, got)
         return True
 
     def _warn_hardlink(self, path: str, st: os.stat_result) -> None:
@@ -828,6 +901,7 @@ class Connection:
             self._set_error(f"Connection failed: {exc}")
             return False
         target_last = int(resp.get("last_seq", 0))
+        self._peer_files = FILES_FEATURE in (resp.get("features") or ())
         self.tx.opened(resp)  # where a reloaded queue resumes
         datastate.on_open_response(self, resp)
         self.svc.journals.on_open_response(self, resp)
@@ -836,9 +910,13 @@ class Connection:
             gap = False
             if target_last < self.acked_seq:
                 gap = True  # the target lost applied ops (restart): resync
+            # (an in-flight entry is keyed by its op's last sequence number: a FILES op
+            # takes one per file; op.seq is its first)
             resend = [(s, op) for s, op in self._inflight if s > target_last]
-            if self._inflight and target_last < self._inflight[0][0] - 1:
+            if self._inflight and target_last < self._inflight[0][1].seq - 1:
                 gap = True
+            if not self._peer_files and any(op.kind is OpKind.FILES for _, op in resend):
+                gap = True  # the target no longer takes FILES ops: resync instead
             self._fs = fs
             self._connected.set()
             self.connected_since = time.time()
@@ -970,6 +1048,9 @@ class Connection:
                     self._explain_vanished(item.op)
             return
         path = item.path
+        if item.lazy == LazyKind.FILES:
+            self._send_files(item)
+            return
         if item.lazy == LazyKind.MIRROR_END:
             op = Op(OpKind.BARRIER, "", tags={"mirror_end": True})
             self._emit(op)
@@ -1032,6 +1113,47 @@ class Connection:
                 self._warn_hardlink(path, st)
                 return
             self._send_file(path, r, item.mode, st)
+
+    def _send_files(self, item: Item) -> None:
+        """A FILES item: its small files as FILES ops, read ahead by the walk or read
+        now (dtake.service.smallfiles). A file found gone is remembered as vanished
+        (its RENAME or DELETE, queued after, explains it); one that is no longer a small
+        regular file with one link, or could not be read there, goes the per-file way
+        (``_process``), which sends, reports or counts it as for any mirror entry."""
+        d = item.path
+        names: list[str] = item.meta.get("names") or []
+        prefix = d if d.endswith("/") else d + "/"
+        r = self.rel(d)
+        if r is None:
+            return
+        if not self._peer_files:  # a target of an older version
+            for name in names:
+                self._process(Item(0, lazy=LazyKind.CONTENT, path=prefix + name, mode=item.mode))
+            return
+        pf = item.prefetch
+        got = pf.take(self._prefetch_cond) if pf is not None else None
+        if got is None:
+            got = read_files(d, names, self.files_file_max, self.files_op_bytes)
+        mirror = item.mode != "realtime"
+        sigs = self._sigs
+        for entries, data, inos in got.batches:
+            self._emit(Op(OpKind.FILES, r, data=data, tags={"files": entries}))
+            self.stats["files_sent"] += len(entries)
+            if mirror:
+                self.mirror_sent += len(data)
+                self.stats["mirror_bytes_sent"] += len(data)
+            for entry, ino in zip(entries, inos, strict=True):
+                path = prefix + entry[0]
+                self._note_sent(path, ino)
+                if sigs and path in sigs:
+                    self._remember_sig(path, 0, None)
+        if got.batches:
+            last = got.batches[-1][0][-1][0]
+            self.stats["last_file_touched"] = f"{r}/{last}" if r else last
+        for name in got.vanished:
+            self._note_vanished(prefix + name, LazyKind.CONTENT)
+        for name in got.rest:
+            self._process(Item(0, lazy=LazyKind.CONTENT, path=prefix + name, mode=item.mode))
 
     def _note_vanished(self, path: str, kind: str) -> None:
         if not self._vanished.add(path, kind):
@@ -1346,7 +1468,8 @@ class Connection:
             if self._fs is None:
                 raise _Gap()
             op.seq = self.next_seq
-            self.next_seq += 1
+            span = len(op.tags["files"]) if op.kind is OpKind.FILES else 1
+            self.next_seq += span
             if self._item_order and self.queue.journal is not None:
                 # First op of a queue item: the target records how far the queue got,
                 # so a restart replays from there (dtake.service.queue).
@@ -1354,13 +1477,13 @@ class Connection:
                 self._sent_notes.append((op.seq, self._item_order))  # noted at the flush
             self._item_order = 0
             cost = op_cost(op)
-            self._inflight.append((op.seq, op))
+            self._inflight.append((self.next_seq - 1, op))
             self._inflight_bytes += cost
             self.queue.inflight_bytes = self._inflight_bytes
             self.queue.note_peak()
             self._batch.append(op)
             self._batch_bytes += cost
-        self.stats["ops_sent"] += 1
+        self.stats["ops_sent"] += span
         self.stats["bytes_sent"] += len(op.data)
         if op.path or op.kind != OpKind.BARRIER:
             self.stats["last_file_touched"] = op.new_path or op.path

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtake.errors import E
 from dtake.ops import Op, OpKind
+from dtake.protocol.opwire import FILES_FEATURE
 from dtake.service.datafeatures import peer_request, target_opened, target_root, write_dropped
 
 if TYPE_CHECKING:
@@ -313,6 +314,7 @@ class TargetServer:
                 "qid": state.qid,
                 "last_item": state.last_item,
                 "data_state": state.data_state,
+                "features": [FILES_FEATURE],  # what this target accepts beyond protocol 2
                 **token,  # detach_token_valid/_reason (absent: none presented)
                 "more": False,
             },

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from dtake.config import QueueConfig
-from dtake.ops import Op
+from dtake.ops import Op, OpKind
+from dtake.protocol.opwire import expand_files
 from dtake.rules import RuleSet
 from dtake.service.apply import TargetTree
 from dtake.service.source import Connection, ConnRecord
@@ -32,7 +33,7 @@ def write(path: Path, data: str) -> None:
 class Pair:
     """A source connection whose sender is driven by hand, and its target tree."""
 
-    def __init__(self, tmp_path: Path, *, disk_queue: bool) -> None:
+    def __init__(self, tmp_path: Path, *, disk_queue: bool, files: bool = False) -> None:
         self.src = tmp_path / "src"
         self.dst = tmp_path / "dst"
         self.src.mkdir()
@@ -53,6 +54,7 @@ class Pair:
         )
         rec = ConnRecord(id=1, repset="rs", host="127.0.0.1", port=1, target_path=str(self.dst))
         self.conn = Connection(svc, rec, RuleSet.from_list([f"{self.src} inc, rec"]))  # type: ignore[arg-type]
+        self.conn._peer_files = files  # the target announced FILES ops
         self.sent: list[Op] = []
         self.conn._emit = self.sent.append  # type: ignore[method-assign]
         self.tree = TargetTree(str(self.dst))
@@ -69,8 +71,14 @@ class Pair:
         """The sender takes and sends everything queued; the target applies it."""
         while (item := self.conn.queue.get(timeout=0)) is not None:
             self.conn._process(item)
+        self.apply_sent()
+
+    def apply_sent(self) -> None:
+        """The target applies what was sent (a FILES op as the FILE_END ops it stands
+        for, as the receiver does)."""
         for op in self.sent:
-            self.tree.apply(op)
+            for one in expand_files(op) if op.kind is OpKind.FILES else (op,):
+                self.tree.apply(one)
         self.sent.clear()
 
     def close(self) -> None:

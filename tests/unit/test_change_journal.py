@@ -24,7 +24,7 @@ from dtake.service.journal import (
     mounts_near,
     replay,
 )
-from dtake.service.source import BIG_FILE, Connection
+from dtake.service.source import BIG_FILE, FILES_FILE_MAX, FILES_OP_BYTES, Connection
 from dtake.testing import tree_diff
 from tests.unit.source_support import Pair, write
 
@@ -151,6 +151,7 @@ class _Queue:
         self.items: list[tuple[str, str, str]] = []
         self.inos: dict[tuple[str, str], int | None] = {}  # the inode the caller passed
         self.slices: list[int] = []  # sizes of the put_lazy_many calls
+        self.files: dict[str, list[str]] = {}  # FILES items: directory -> names
         self.budget = budget
 
     def wait_room(self, stop: Any) -> None:
@@ -169,6 +170,13 @@ class _Queue:
             self.items.append((kind, path, mode))
             self.inos[kind, path] = ino
         return True
+
+    def put_files(
+        self, path: str, names: list[str], *, mode: str, data_bytes: int = 0, **_: Any
+    ) -> tuple[bool, bool]:
+        self.items.append(("files", path, mode))
+        self.files[path] = self.files.get(path, []) + names
+        return True, True
 
     def put_delete(self, src: str, op: Any) -> bool:
         assert op.kind == OpKind.DELETE
@@ -192,6 +200,10 @@ class _Conn:
     _walk_dirs = Connection._walk_dirs
     _queue_walked = Connection._queue_walked
     _put_walked = Connection._put_walked
+    _put_walked_files = Connection._put_walked_files
+    files_file_max = FILES_FILE_MAX
+    files_op_bytes = FILES_OP_BYTES
+    _peer_files = False  # (no read-ahead)
     _mirror_hold = Connection._mirror_hold
     _entry_kind = Connection._entry_kind
     rel = Connection.rel
@@ -252,16 +264,21 @@ def test_replay_order_and_ops(tmp_path: Any) -> None:
     assert not [i for i in items if i[1].startswith(f"{base}/gone/")]
     assert ("mkdir", f"{base}/new", "full") in got
     assert ("mkdir", f"{base}/new/x", "full") in got
-    assert [i for i in items if i[1] == f"{base}/new/x/y"] == [
-        ("content", f"{base}/new/x/y", "differences")
+    # (a small file below the new tree: by name in its directory's FILES item, once)
+    assert [i for i in items if i[1] == f"{base}/new/x"] == [
+        ("mkdir", f"{base}/new/x", "full"),
+        ("files", f"{base}/new/x", "differences"),
+        ("attrs", f"{base}/new/x", "full"),
     ]
+    assert conn.queue.files == {f"{base}/new/x": ["y"]}
+    assert not [i for i in items if i[1] == f"{base}/new/x/y"]
     assert ("symlink", f"{base}/link", "full") in got
     assert ("attrs", f"{base}/a/attr", "full") in got
     assert conn.warned == [f"{base}/hard"]  # hard links are reported, not sent
     assert not [i for i in items if "skip.tmp" in i[1]]
     # Parents before children; directory attributes last, deepest first.
     order = [i[1] for i in items]
-    assert order.index(f"{base}/new") < order.index(f"{base}/new/x/y")
+    assert order.index(f"{base}/new") < items.index(("files", f"{base}/new/x", "differences"))
     attrs = [i[1] for i in items if i[0] == "attrs" and os.path.isdir(i[1])]
     assert attrs == sorted(attrs, key=lambda p: -p.count("/"))
     assert {base, f"{base}/a", f"{base}/new", f"{base}/new/x"} <= set(attrs)
@@ -289,25 +306,27 @@ def test_replay_queues_a_new_directory_entry_by_entry_as_the_walk(tmp_path: Any)
     conn.queue = _Queue(budget=2 * 16 * 1024)
     replay(conn, j.marks, "differences", threading.Event())  # type: ignore[arg-type]
     items = conn.queue.items
-    below = [i for i in items if i[1].startswith(new + "/") and i[0] != "attrs"]
+    below = [i for i in items if i[1].startswith(new + "/") and i[0] not in ("attrs", "files")]
+    # A directory's small regular files go by name in one FILES item, after its other
+    # entries (the directory's own item is before them).
     assert below == [
         ("content", f"{new}/a_big", "checksum"),
         ("symlink", f"{new}/b_link", "full"),
         ("mkdir", f"{new}/c_dir", "full"),
         ("mkdir", f"{new}/d_empty", "full"),
-        ("content", f"{new}/f0", "differences"),
-        ("content", f"{new}/f1", "differences"),
-        ("content", f"{new}/f2", "differences"),
-        ("content", f"{new}/f3", "differences"),
-        ("content", f"{new}/f4", "differences"),
         ("content", f"{new}/g_fifo", "differences"),
-        ("content", f"{new}/c_dir/inner", "differences"),
     ]
+    assert [i for i in items if i[0] == "files"] == [
+        ("files", new, "differences"),
+        ("files", f"{new}/c_dir", "differences"),
+    ]
+    assert items.index(("files", new, "differences")) > items.index(below[-1])
+    assert conn.queue.files == {new: ["f0", "f1", "f2", "f3", "f4"], f"{new}/c_dir": ["inner"]}
     assert items[0] == ("mkdir", new, "full")
     assert sorted(conn.warned) == [f"{new}/hard", f"{new}/hard2"]
     for kind, path, _mode in below:  # the walk's inode: no second lstat when queued
         assert conn.queue.inos[kind, path] == os.lstat(path).st_ino
-    assert conn.queue.slices == [2, 2, 2, 2, 2, 1]
+    assert conn.queue.slices == [2, 2, 1]
     assert conn.mirror_total == BIG_FILE + sum(range(1, 6)) + 1  # a fifo: 0 bytes
     # Directory attributes again at the end, deepest first, empty directories too.
     attrs = [i[1] for i in items if i[0] == "attrs"]
