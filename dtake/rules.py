@@ -233,6 +233,7 @@ class _DirContext:
     subtree: _Compiled | None
     files: _Compiled | None
     by_name: tuple[_Compiled, ...]
+    all_in: bool | None = None  # RuleSet.all_included, once asked
 
     def decide(self, name: str, is_dir: bool) -> _Compiled | None:
         best = self.subtree
@@ -356,6 +357,28 @@ class RuleSet:
         if not (path == base or path.startswith(base if base == "/" else base + "/")):
             return False
         return self.dir_may_contain(path)
+
+    def all_included(self, path: str) -> bool:
+        """Is every entry directly in directory ``path`` included, file or directory,
+        whatever its name? (A walk then skips ``matches`` for them.) True only when a
+        recursive include covers ``path``, no rule is anchored at a child or at
+        ``path``'s files alone unless it includes, and no automatic exclusion lies at or
+        below ``path`` or covers it. Cached with the directory's context."""
+        ctx = self._ctx_cache.get(path)
+        if ctx is None:
+            ctx = self._context(path)
+        if ctx.all_in is None:
+            sub, files = ctx.subtree, ctx.files
+            top = path.rstrip("/") + "/"
+            ctx.all_in = (
+                sub is not None
+                and sub.include
+                and not ctx.by_name
+                and (files is None or files.include)
+                and not top.startswith(self._excl_prefix)
+                and not any(x.startswith(top) for x in self._excl_prefix)
+            )
+        return ctx.all_in
 
     def dir_may_contain(self, path: str) -> bool:
         """May a walk or watch below directory ``path`` find included entries?

@@ -323,6 +323,8 @@ class InotifyCapture:
                         is_dir = entry.is_dir(follow_symlinks=False)
                     except OSError:
                         is_dir = False
+                    if not (synthetic or is_dir):
+                        continue  # a file of a directory being watched: nothing to do
                     p = _join(d, entry.name)
                     if synthetic:
                         kind = EventKind.MKDIR if is_dir else EventKind.CREATED

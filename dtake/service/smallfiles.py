@@ -45,18 +45,24 @@ class FilesRead:
     a small regular file with one link, or not readable here); ``dir_gone``: the
     directory itself went or was replaced (every name vanished)."""
 
-    batches: list[tuple[list[list[Any]], bytes, list[int]]] = field(default_factory=list)
+    batches: list[tuple[list[list[Any]], bytearray, list[int]]] = field(default_factory=list)
     vanished: list[str] = field(default_factory=list)
     rest: list[str] = field(default_factory=list)
     dir_gone: bool = False
 
 
-def read_files(d: str, names: list[str], max_size: int, op_bytes: int) -> FilesRead:
+def read_files(
+    d: str, names: list[str], max_size: int, op_bytes: int, sizes: list[int] | None = None
+) -> FilesRead:
     """Read the files ``names`` of directory ``d``: each is checked (``lstat``) to be
-    a regular file of at most ``max_size`` bytes with one link and no holes, read, and
-    checked again on its descriptor (same size, still regular, one link), so data and
-    attributes go together. Batches close at ``FILES_OP_FILES`` files or ``op_bytes``
-    bytes. An error reading the directory itself sends every name the per-file way."""
+    a regular file of at most ``max_size`` bytes with one link and no holes, then
+    opened (``O_NOFOLLOW | O_NONBLOCK``) and checked again on its descriptor before a
+    byte is read (still regular, same size, one link, no holes). ``sizes``: what the
+    walk's ``lstat`` found a moment ago, for the read-ahead right after queueing: the
+    first check is that one, not a second ``lstat``. Batches close at
+    ``FILES_OP_FILES`` files or ``op_bytes`` bytes; a batch's files are read straight
+    into one buffer (no copy to join them). An error opening the directory itself
+    sends every name the per-file way."""
     out = FilesRead()
     try:
         dfd = os.open(d, _DIR_FLAGS)
@@ -67,56 +73,98 @@ def read_files(d: str, names: list[str], max_size: int, op_bytes: int) -> FilesR
         else:
             out.rest = list(names)
         return out
-    entries: list[list[Any]] = []
-    datas: list[bytes] = []
-    inos: list[int] = []
-    nbytes = 0
     vanished, rest = out.vanished, out.rest
-    stat_at, open_at, pread, fstat, close = os.stat, os.open, os.pread, os.fstat, os.close
+    stat_at = os.stat
+    batch: list[tuple[str, int]] = []
+    nbytes = 0
     try:
+        if sizes is not None:
+            for name, size in zip(names, sizes, strict=True):
+                batch.append((name, size))
+                nbytes += size
+                if nbytes >= op_bytes or len(batch) >= FILES_OP_FILES:
+                    _read_batch(dfd, batch, nbytes, out)
+                    batch, nbytes = [], 0
+            names = []
         for name in names:
             try:
                 st = stat_at(name, dir_fd=dfd, follow_symlinks=False)
-                size = st.st_size
-                if (
-                    st.st_mode & _IFMT != _IFREG
-                    or st.st_nlink > 1
-                    or size > max_size
-                    or st.st_blocks * 512 < size
-                ):
-                    rest.append(name)
-                    continue
-                fd = open_at(name, _FLAGS, dir_fd=dfd)
             except FileNotFoundError:
                 vanished.append(name)
                 continue
             except OSError:
                 rest.append(name)
                 continue
-            try:
-                data = pread(fd, size + 1, 0) if size else b""
-                st = fstat(fd)
-            except OSError:
+            size = st.st_size
+            if (
+                st.st_mode & _IFMT != _IFREG
+                or st.st_nlink > 1
+                or size > max_size
+                or st.st_blocks * 512 < size
+            ):
                 rest.append(name)
+                continue
+            batch.append((name, size))
+            nbytes += size
+            if nbytes >= op_bytes or len(batch) >= FILES_OP_FILES:
+                _read_batch(dfd, batch, nbytes, out)
+                batch, nbytes = [], 0
+        if batch:
+            _read_batch(dfd, batch, nbytes, out)
+    finally:
+        os.close(dfd)
+    return out
+
+
+def _read_batch(dfd: int, batch: list[tuple[str, int]], nbytes: int, out: FilesRead) -> None:
+    """Read ``batch`` (names and their sizes by ``lstat``) into one buffer, back to
+    back; a file whose size or kind changed meanwhile goes to ``out.rest``."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    extra = [bytearray(1)]  # a byte beyond the size: the file grew
+    entries: list[list[Any]] = []
+    inos: list[int] = []
+    pos = 0
+    open_at, preadv, fstat, close = os.open, os.preadv, os.fstat, os.close
+    try:
+        for name, size in batch:
+            try:
+                fd = open_at(name, _FLAGS, dir_fd=dfd)
+            except FileNotFoundError:
+                out.vanished.append(name)
+                continue
+            except OSError:
+                out.rest.append(name)
+                continue
+            try:
+                # The descriptor's attributes go with the data read next: a change
+                # during the read has its own item behind this one (it sends the file
+                # again); a change of size is seen here.
+                st = fstat(fd)
+                if (
+                    st.st_mode & _IFMT != _IFREG
+                    or st.st_nlink > 1
+                    or st.st_size != size
+                    or st.st_blocks * 512 < size
+                ):
+                    out.rest.append(name)  # not what was listed any more: per file
+                    continue
+                n = preadv(fd, [view[pos : pos + size], *extra], 0)
+            except OSError:
+                out.rest.append(name)
                 continue
             finally:
                 close(fd)
-            n = len(data)
-            if n != st.st_size or st.st_mode & _IFMT != _IFREG or st.st_nlink > 1:
-                rest.append(name)  # changed while read: the per-file way reads it again
-                continue
+            if n != size:
+                out.rest.append(name)  # changed while read: the per-file way reads it again
+                continue  # (its bytes, if any, are overwritten by the next file's)
             entries.append([name, n, st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns])
-            datas.append(data)
             inos.append(st.st_ino)
-            nbytes += n
-            if nbytes >= op_bytes or len(entries) >= FILES_OP_FILES:
-                out.batches.append((entries, b"".join(datas), inos))
-                entries, datas, inos, nbytes = [], [], [], 0
-        if entries:
-            out.batches.append((entries, b"".join(datas), inos))
+            pos += n
     finally:
-        close(dfd)
-    return out
+        view.release()
+    if entries:
+        out.batches.append((entries, buf if pos == nbytes else buf[:pos], inos))
 
 
 class Prefetch:

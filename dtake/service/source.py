@@ -23,7 +23,7 @@ import uuid as uuidlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import xxhash
 
@@ -330,6 +330,7 @@ class Connection:
         stack = [top]
         seen: set[tuple[int, int]] = set()
         matches, may_contain = self.rules.matches, self.rules.dir_may_contain
+        all_included = self.rules.all_included
         internal = self.svc.is_internal
         by_name = operator.attrgetter("name")
         IFMT, IFDIR = 0o170000, stat.S_IFDIR
@@ -341,6 +342,7 @@ class Connection:
             except OSError:
                 continue
             out: list[tuple[str, os.stat_result]] = []
+            every = all_included(d)  # no entry here needs the rules one by one
             for e in entries:
                 if TEMP_MARK in e.name and is_temp_name(e.name):
                     continue  # a target's transfer in progress (chained topology)
@@ -356,11 +358,11 @@ class Connection:
                     seen.add(key)
                     if internal(path):
                         continue
-                    if matches(path, is_dir=True):
+                    if every or matches(path, is_dir=True):
                         out.append((path, st))
                     if may_contain(path):
                         stack.append(path)
-                elif matches(path):
+                elif every or matches(path):
                     out.append((path, st))
                 if len(out) >= WALK_SLICE:
                     yield out
@@ -661,7 +663,9 @@ class Connection:
                     nbytes += sizes[j]
                     cost += NAME_OVERHEAD + len(names[j]) + (sizes[j] if ahead else 0)
                     j += 1
-                if not self._put_walked_files(parent, names[i:j], nbytes, ahead, mode, cancel):
+                if not self._put_walked_files(
+                    parent, names[i:j], sizes[i:j] if ahead else None, mode, cancel
+                ):
                     return None
                 i = j
             wrote = True
@@ -683,28 +687,30 @@ class Connection:
         self,
         parent: str,
         names: list[str],
-        sizes: int,
-        ahead: bool,
+        file_sizes: list[int] | None,
         mode: str,
         cancel: threading.Event,
     ) -> bool:
-        """``_put_walked`` for a FILES item (small files of directory ``parent``, of
-        ``sizes`` bytes in all); ``ahead``: when it is held in memory, read its files
-        ahead of the sender (dtake.service.smallfiles), its data counted in its cost."""
+        """``_put_walked`` for a FILES item (small files of directory ``parent``);
+        ``file_sizes``: their sizes by the walk's ``lstat``, to read them ahead of the
+        sender when the item is held in memory (dtake.service.smallfiles); the data
+        then counts in the item's cost."""
         stopped = self._stop
         self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
         if cancel.is_set() or stopped.is_set():
             return False
-        pf = Prefetch() if ahead else None
+        pf = Prefetch() if file_sizes is not None else None
         ok, held = self.queue.put_files(
-            parent, names, mode=mode, data_bytes=sizes if ahead else 0, prefetch=pf
+            parent, names, mode=mode, data_bytes=sum(file_sizes or ()), prefetch=pf
         )
         if not ok:
             raise _Gap()
         if pf is not None and held and pf.start(self._prefetch_cond):
             got = None
             try:
-                got = read_files(parent, names, self.files_file_max, self.files_op_bytes)
+                got = read_files(
+                    parent, names, self.files_file_max, self.files_op_bytes, file_sizes
+                )
             finally:
                 pf.done(self._prefetch_cond, got)
         return True
@@ -1137,7 +1143,8 @@ class Connection:
         mirror = item.mode != "realtime"
         sigs = self._sigs
         for entries, data, inos in got.batches:
-            self._emit(Op(OpKind.FILES, r, data=data, tags={"files": entries}))
+            # (the batch's buffer as it was read: a bytearray, sent as it is)
+            self._emit(Op(OpKind.FILES, r, data=cast(bytes, data), tags={"files": entries}))
             self.stats["files_sent"] += len(entries)
             if mirror:
                 self.mirror_sent += len(data)

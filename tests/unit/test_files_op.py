@@ -383,6 +383,32 @@ def test_read_files_batches_and_checks(tmp_path: Path) -> None:
     assert gone.dir_gone and gone.vanished == ["a"] and not gone.batches
 
 
+def test_the_read_ahead_trusts_the_walks_sizes_only_as_far_as_the_descriptor_agrees(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    names = ["same", "grew", "shrank", "fifo", "link", "linked", "gone", "empty"]
+    for n in names:
+        (d / n).write_bytes(b"1234")
+    listed = [4] * len(names)
+    (d / "empty").write_bytes(b"")
+    listed[-1] = 0
+    (d / "grew").write_bytes(b"123456")
+    (d / "shrank").write_bytes(b"12")
+    os.unlink(d / "fifo")
+    os.mkfifo(d / "fifo")  # replaced since the walk: never read (no hang either)
+    os.unlink(d / "link")
+    os.symlink("same", d / "link")  # O_NOFOLLOW
+    os.link(d / "linked", tmp_path / "second-name")
+    os.unlink(d / "gone")
+    got = read_files(str(d), names, 1024, 1 << 20, listed)
+    assert [e[0] for e in got.batches[0][0]] == ["same", "empty"]
+    assert bytes(got.batches[0][1]) == b"1234"
+    assert sorted(got.rest) == ["fifo", "grew", "link", "linked", "shrank"]
+    assert got.vanished == ["gone"]
+
+
 def test_the_sender_waits_for_a_read_in_progress(pair: Pair) -> None:
     write(pair.src / "a", "aaa")
     pair.conn._peer_files = False

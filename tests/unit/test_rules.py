@@ -361,6 +361,19 @@ def _ref_priority(rule: Rule) -> tuple[int, int, int, int]:
     return (len(r), len(lit), sum(map(len, lit)), 0 if rule.include else 1)
 
 
+def _random_rules(
+    rng: random.Random, comps: list[str], *, most: int, min_depth: int, rec: float
+) -> list[Rule]:
+    """1 to ``most`` rules of ``min_depth`` to 3 components from ``comps``, 60 %
+    includes, ``rec`` of them recursive."""
+    rules = []
+    for _ in range(rng.randint(1, most)):
+        depth = rng.randint(min_depth, 3)
+        path = "/" + "/".join(rng.choice(comps) for _ in range(depth))
+        rules.append(Rule(path, include=rng.random() < 0.6, recursive=rng.random() < rec))
+    return rules
+
+
 def test_fast_path_agrees_with_reference() -> None:
     """Random rule sets over a tiny alphabet; decide() must equal the plain definition."""
     rng = random.Random(20261125)
@@ -371,11 +384,7 @@ def test_fast_path_agrees_with_reference() -> None:
         for p in itertools.product(["a", "b", "ab"], repeat=k)
     ]
     for _ in range(300):
-        rules = []
-        for _ in range(rng.randint(1, 5)):
-            depth = rng.randint(0, 3)
-            path = "/" + "/".join(rng.choice(comps) for _ in range(depth))
-            rules.append(Rule(path, include=rng.random() < 0.6, recursive=rng.random() < 0.5))
+        rules = _random_rules(rng, comps, most=5, min_depth=0, rec=0.5)
         rs = RuleSet(rules)
         for path in paths:
             for is_dir in (False, True):
@@ -390,3 +399,49 @@ def test_fast_path_agrees_with_reference() -> None:
                 if is_dir and not rs.dir_may_contain(path):
                     below = [p for p in paths if p.startswith(path + "/")]
                     assert not any(rs.decide(p) and rs.decide(p).include for p in below)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("rules", "extra", "path", "expected"),
+    [
+        (["/data inc, rec"], [], "/data", True),
+        (["/data inc, rec"], [], "/data/a/b", True),
+        (["/data inc, rec"], [], "/other", False),  # nothing covers it
+        (["/data inc"], [], "/data", False),  # files only, not subdirectories
+        (["/data inc, rec", "/data/*.tmp exc"], [], "/data", False),  # a child rule
+        (["/data inc, rec", "/data/*.tmp exc"], [], "/data/sub", True),  # not below
+        (["/data inc, rec", "/data/*.tmp exc, rec"], [], "/data/sub", False),  # any depth
+        (["/data inc, rec", "/data/tmp exc, rec"], [], "/data", False),
+        (["/data inc, rec", "/data/tmp exc, rec"], [], "/data/tmp", False),
+        (["/data inc, rec", "/data/tmp exc, rec"], [], "/data/x", True),
+        (["/data inc, rec"], ["/data/q"], "/data", False),  # an automatic exclusion
+        (["/data inc, rec"], ["/data/q"], "/data/q", False),
+        (["/data inc, rec"], ["/data/q"], "/data/qq", True),
+        (["/ inc, rec"], [], "/", False),  # /proc and the like lie below
+    ],
+)
+def test_all_included(rules: list[str], extra: list[str], path: str, expected: bool) -> None:
+    assert RuleSet.from_list(rules, extra_excludes=extra).all_included(path) is expected
+
+
+def test_all_included_agrees_with_matches() -> None:
+    """Random rule sets: where all_included says every entry is in, matches agrees
+    for every name tried, file or directory."""
+    rng = random.Random(20261204)
+    comps = ["a", "b", "ab", "*", "a*", "?"]
+    dirs = ["/"] + [
+        "/" + "/".join(p) for k in range(1, 4) for p in itertools.product(["a", "b"], repeat=k)
+    ]
+    names = ["a", "b", "ab", "abc", "x"]
+    seen_true = 0
+    for _ in range(300):
+        rules = _random_rules(rng, comps, most=4, min_depth=1, rec=0.6)
+        rs = RuleSet(rules, extra_excludes=["/a/b/ab"] if rng.random() < 0.3 else [])
+        for d in dirs:
+            if not rs.all_included(d):
+                continue
+            seen_true += 1
+            for name in names:
+                p = d.rstrip("/") + "/" + name
+                assert rs.matches(p) and rs.matches(p, is_dir=True), (rules, p)
+    assert seen_true > 50  # the property was exercised
