@@ -486,17 +486,40 @@ class SourceQueue:
         data_bytes: int = 0,
         ino: int | None = None,
         prefetch: Any = None,
-    ) -> tuple[bool, bool]:
+    ) -> tuple[bool, bool, list[str]]:
         """Queue a FILES item: the small files ``names`` of directory ``path``, of
         ``data_bytes`` bytes in all (a mirror walk's; ``ino``: the directory's inode,
         looked up if None). Its cost counts the data, which may be read ahead into
-        ``prefetch`` (dtake.service.smallfiles) while it waits. Returns (queued, held
-        in memory): an item that went to disk only is read when it is taken."""
+        ``prefetch`` (dtake.service.smallfiles) while it waits.
+
+        With ``prefetch``, a name that has a CONTENT or ATTRS item waiting in memory is
+        queued as a CONTENT item instead (merged into the waiting one, as the walk's
+        per-file items are): a later change of that file would be merged into the
+        waiting item, *in front of* the FILES item, whose data was read before that
+        change. Returns (queued, held in memory, the names queued that way): an item
+        that went to disk only is read when it is taken."""
         if self.journal is None:
             ino = 0
         elif ino is None:
             ino = _ino(path)
         with self.cond:
+            moved: list[str] = []
+            if prefetch is not None:
+                pending = self._pending
+                prefix = path if path.endswith("/") else path + "/"
+                C, A = LazyKind.CONTENT, LazyKind.ATTRS
+                moved = [
+                    n for n in names if (C, prefix + n) in pending or (A, prefix + n) in pending
+                ]
+                if moved:
+                    gone = set(moved)
+                    names = [n for n in names if n not in gone]
+                    for n in moved:
+                        p = prefix + n
+                        if not self._put_lazy_locked(C, p, mode, _ino(p) if self.journal else 0):
+                            return False, False, moved
+            if not names:
+                return True, False, moved
             item = Item(
                 next(self._order),
                 lazy=LazyKind.FILES,
@@ -507,7 +530,7 @@ class SourceQueue:
                 prefetch=prefetch,
             )
             ok = self._append(item)
-            return ok, ok and bool(self._items) and self._items[-1] is item
+            return ok, ok and bool(self._items) and self._items[-1] is item, moved
 
     def _store_many(self, items: list[Item]) -> bool:
         """``_store`` for several items (journal only): the ones that fit in memory

@@ -700,11 +700,15 @@ class Connection:
         if cancel.is_set() or stopped.is_set():
             return False
         pf = Prefetch() if file_sizes is not None else None
-        ok, held = self.queue.put_files(
+        ok, held, moved = self.queue.put_files(
             parent, names, mode=mode, data_bytes=sum(file_sizes or ()), prefetch=pf
         )
         if not ok:
             raise _Gap()
+        if moved and file_sizes is not None:  # queued one by one (see put_files)
+            gone = set(moved)
+            kept = [(n, z) for n, z in zip(names, file_sizes, strict=True) if n not in gone]
+            names, file_sizes = [n for n, _ in kept], [z for _, z in kept]
         if pf is not None and held and pf.start(self._prefetch_cond):
             got = None
             try:

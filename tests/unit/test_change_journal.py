@@ -173,10 +173,10 @@ class _Queue:
 
     def put_files(
         self, path: str, names: list[str], *, mode: str, data_bytes: int = 0, **_: Any
-    ) -> tuple[bool, bool]:
+    ) -> tuple[bool, bool, list[str]]:
         self.items.append(("files", path, mode))
         self.files[path] = self.files.get(path, []) + names
-        return True, True
+        return True, True, []
 
     def put_delete(self, src: str, op: Any) -> bool:
         assert op.kind == OpKind.DELETE

@@ -220,10 +220,10 @@ def test_a_files_item_spilled_to_disk_comes_back_without_read_ahead(tmp_path: Pa
     assert q.journal is not None and isinstance(q.journal, DiskJournal)
     held = []
     for i in range(40):  # ~64 KiB of data each: the memory budget is soon full
-        ok, in_memory = q.put_files(
+        ok, in_memory, moved = q.put_files(
             f"/s/d{i}", [f"f{i}"], mode="full", data_bytes=64 << 10, prefetch=Prefetch()
         )
-        assert ok
+        assert ok and not moved
         held.append(in_memory)
     assert held[0] and not held[-1] and q.spilled
     items = []
@@ -309,6 +309,26 @@ def test_the_walk_reads_ahead_after_queueing_and_a_later_change_wins(pair: Pair)
     pair.event("modified", pair.src / "a")
     pair.drain()
     assert (pair.dst / "a").read_text() == "v2" and (pair.dst / "b").read_text() == "v1"
+
+
+@pytest.mark.parametrize("kind", ["modified", "attrib"])
+def test_a_change_merged_into_an_item_waiting_before_the_read_ahead_is_not_lost(
+    pair: Pair, kind: str
+) -> None:
+    """A file with a CONTENT or ATTRS item waiting when the walk queues its directory
+    goes one by one: a later change is merged into that waiting item, in front of the
+    FILES item, whose read-ahead data would otherwise land last and stale."""
+    write(pair.src / "p", "v1")
+    write(pair.src / "q", "q")
+    pair.event(kind, pair.src / "p")  # waiting in the queue before the walk
+    _walk(pair)  # queues the FILES item and reads it ahead
+    if kind == "modified":
+        write(pair.src / "p", "v2, later")
+    else:
+        os.chmod(pair.src / "p", 0o600)  # (a mode is data too)
+    pair.event(kind, pair.src / "p")  # merged into the waiting item (dedup)
+    pair.drain()
+    assert tree_diff(str(pair.src), str(pair.dst)) == []
 
 
 def test_without_the_feature_the_sender_goes_file_by_file(pair: Pair) -> None:
