@@ -10,7 +10,10 @@ that does it, right after it queued the item: a queue item may be read at any ti
 *after* it took its place in the queue (every change after that place has its own item
 behind it), so the data read ahead is as new as the sender's own read would have been.
 Reading before queueing would not be: a change between the read and the queueing
-would have its item *in front* of the stale data. The two threads meet on a small
+would have its item *in front* of the stale data. For the same reason a file that
+already had a CONTENT or ATTRS item waiting when the FILES item was queued is queued by
+itself instead (``SourceQueue.put_files``): a later change would be merged into that
+waiting item, in front of the data read ahead. The two threads meet on a small
 state machine per item (``Prefetch``): the sender takes what was read, waits while it
 is being read, or, when it gets to the item first, reads it itself and the walk skips
 it. Doing the system calls of a whole directory in the thread that just listed it,
