@@ -27,6 +27,7 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,15 @@ class FilesRead:
     rest: list[str] = field(default_factory=list)
     dir_gone: bool = False
 
+    def missed(self, name: str, exc: OSError) -> None:
+        """``name`` could not be looked at: gone (vanished), or the per-file way."""
+        (self.vanished if isinstance(exc, FileNotFoundError) else self.rest).append(name)
+
+
+def _plain(st: os.stat_result) -> bool:
+    """A regular file with one link and no holes (what a FILES op may carry)."""
+    return st.st_mode & _IFMT == _IFREG and st.st_nlink == 1 and st.st_blocks * 512 >= st.st_size
+
 
 def read_files(
     d: str, names: list[str], max_size: int, op_bytes: int, sizes: list[int] | None = None
@@ -76,37 +86,15 @@ def read_files(
         else:
             out.rest = list(names)
         return out
-    vanished, rest = out.vanished, out.rest
-    stat_at = os.stat
-    batch: list[tuple[str, int]] = []
-    nbytes = 0
     try:
-        if sizes is not None:
-            for name, size in zip(names, sizes, strict=True):
-                batch.append((name, size))
-                nbytes += size
-                if nbytes >= op_bytes or len(batch) >= FILES_OP_FILES:
-                    _read_batch(dfd, batch, nbytes, out)
-                    batch, nbytes = [], 0
-            names = []
-        for name in names:
-            try:
-                st = stat_at(name, dir_fd=dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                vanished.append(name)
-                continue
-            except OSError:
-                rest.append(name)
-                continue
-            size = st.st_size
-            if (
-                st.st_mode & _IFMT != _IFREG
-                or st.st_nlink > 1
-                or size > max_size
-                or st.st_blocks * 512 < size
-            ):
-                rest.append(name)
-                continue
+        listed = (
+            zip(names, sizes, strict=True)
+            if sizes is not None
+            else _listed(dfd, names, max_size, out)
+        )
+        batch: list[tuple[str, int]] = []
+        nbytes = 0
+        for name, size in listed:
             batch.append((name, size))
             nbytes += size
             if nbytes >= op_bytes or len(batch) >= FILES_OP_FILES:
@@ -117,6 +105,22 @@ def read_files(
     finally:
         os.close(dfd)
     return out
+
+
+def _listed(dfd: int, names: list[str], max_size: int, out: FilesRead) -> Iterator[tuple[str, int]]:
+    """(name, size) of each of ``names`` that ``lstat`` finds a regular file of at most
+    ``max_size`` bytes with one link and no holes; the others go to ``out``."""
+    stat_at = os.stat
+    for name in names:
+        try:
+            st = stat_at(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError as exc:
+            out.missed(name, exc)
+            continue
+        if not _plain(st) or st.st_size > max_size:
+            out.rest.append(name)
+            continue
+        yield name, st.st_size
 
 
 def _read_batch(dfd: int, batch: list[tuple[str, int]], nbytes: int, out: FilesRead) -> None:
@@ -133,23 +137,15 @@ def _read_batch(dfd: int, batch: list[tuple[str, int]], nbytes: int, out: FilesR
         for name, size in batch:
             try:
                 fd = open_at(name, _FLAGS, dir_fd=dfd)
-            except FileNotFoundError:
-                out.vanished.append(name)
-                continue
-            except OSError:
-                out.rest.append(name)
+            except OSError as exc:
+                out.missed(name, exc)
                 continue
             try:
                 # The descriptor's attributes go with the data read next: a change
                 # during the read has its own item behind this one (it sends the file
                 # again); a change of size is seen here.
                 st = fstat(fd)
-                if (
-                    st.st_mode & _IFMT != _IFREG
-                    or st.st_nlink > 1
-                    or st.st_size != size
-                    or st.st_blocks * 512 < size
-                ):
+                if not _plain(st) or st.st_size != size:
                     out.rest.append(name)  # not what was listed any more: per file
                     continue
                 n = preadv(fd, [view[pos : pos + size], *extra], 0)

@@ -675,13 +675,18 @@ class Connection:
         """Queue a slice of the mirror walk; False when the mirror was cancelled. Flow
         control: the walk never fills the queue (it would exhaust it and loop through
         auto-disconnect); it waits for the sender instead."""
-        stopped = self._stop
-        self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
-        if cancel.is_set() or stopped.is_set():
+        if not self._walk_room(cancel):
             return False
         if not self.queue.put_lazy_many(batch):
             raise _Gap()
         return True
+
+    def _walk_room(self, cancel: threading.Event) -> bool:
+        """Flow control of the mirror walk: wait for room in the queue; False when the
+        mirror was cancelled or the connection stops meanwhile."""
+        stopped = self._stop
+        self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
+        return not (cancel.is_set() or stopped.is_set())
 
     def _put_walked_files(
         self,
@@ -695,9 +700,7 @@ class Connection:
         ``file_sizes``: their sizes by the walk's ``lstat``, to read them ahead of the
         sender when the item is held in memory (dtake.service.smallfiles); the data
         then counts in the item's cost."""
-        stopped = self._stop
-        self.queue.wait_room(lambda: cancel.is_set() or stopped.is_set())
-        if cancel.is_set() or stopped.is_set():
+        if not self._walk_room(cancel):
             return False
         pf = Prefetch() if file_sizes is not None else None
         ok, held, moved = self.queue.put_files(
@@ -1137,8 +1140,7 @@ class Connection:
         if r is None:
             return
         if not self._peer_files:  # a target of an older version
-            for name in names:
-                self._process(Item(0, lazy=LazyKind.CONTENT, path=prefix + name, mode=item.mode))
+            self._send_each(prefix, names, item.mode)
             return
         pf = item.prefetch
         got = pf.take(self._prefetch_cond) if pf is not None else None
@@ -1163,8 +1165,12 @@ class Connection:
             self.stats["last_file_touched"] = f"{r}/{last}" if r else last
         for name in got.vanished:
             self._note_vanished(prefix + name, LazyKind.CONTENT)
-        for name in got.rest:
-            self._process(Item(0, lazy=LazyKind.CONTENT, path=prefix + name, mode=item.mode))
+        self._send_each(prefix, got.rest, item.mode)
+
+    def _send_each(self, prefix: str, names: list[str], mode: str) -> None:
+        """Files of a FILES item the per-file way, as CONTENT items of the mirror."""
+        for name in names:
+            self._process(Item(0, lazy=LazyKind.CONTENT, path=prefix + name, mode=mode))
 
     def _note_vanished(self, path: str, kind: str) -> None:
         if not self._vanished.add(path, kind):
@@ -1479,7 +1485,7 @@ class Connection:
             if self._fs is None:
                 raise _Gap()
             op.seq = self.next_seq
-            span = len(op.tags["files"]) if op.kind is OpKind.FILES else 1
+            span = op.span()  # a FILES op: one per file
             self.next_seq += span
             if self._item_order and self.queue.journal is not None:
                 # First op of a queue item: the target records how far the queue got,

@@ -201,6 +201,7 @@ class _Conn:
     _queue_walked = Connection._queue_walked
     _put_walked = Connection._put_walked
     _put_walked_files = Connection._put_walked_files
+    _walk_room = Connection._walk_room
     files_file_max = FILES_FILE_MAX
     files_op_bytes = FILES_OP_BYTES
     _peer_files = False  # (no read-ahead)
